@@ -1,0 +1,22 @@
+# Two entry points on a fresh machine (Python 3.11):
+#   make run    install, then run every notebook under the quick preset on real data
+#   make test   install, then run the unit tests, the nbval notebook checks and a smoke run
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PRESET ?= quick
+
+$(BIN)/fcre: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $(BIN)/fcre
+
+.PHONY: install run test
+install: $(BIN)/fcre
+
+run: install
+	$(BIN)/python -m fcre_utils run --preset $(PRESET)
+
+test: install
+	$(BIN)/python -m pytest

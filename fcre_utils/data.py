@@ -1,0 +1,276 @@
+"""Images as float tensors in [-1, 1] of shape (N, 1, H, W), and member / non-member splits.
+
+Sources:
+
+- a MedMNIST 2-D dataset by name and resolution, read from a data directory (the offline union
+  file ``<name>_union_<size>.npz`` with ``images`` and ``labels``, or the official
+  ``<name>[_<size>].npz`` with ``train_images``, ``val_images``, ``test_images``), or downloaded
+  through the ``medmnist`` package, which checks the file's MD5 checksum;
+- any npz file with an ``images`` array;
+- a folder of PNG or JPEG files.
+
+Splits are seeded and written as a manifest: one row per image with its content hash (SHA-256 of
+the stored pixels), its member flag and its split ("calibration" or "evaluation").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+log = logging.getLogger(__name__)
+
+DATA_DIR_VARIABLE = "FCRE_DATA_DIR"
+MEDMNIST_SIZES = (28, 64, 128, 224)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def find_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
+    """Return the data directory: ``data_dir`` if given, else ``$FCRE_DATA_DIR``, else None."""
+    chosen = str(data_dir) if data_dir else os.environ.get(DATA_DIR_VARIABLE, "")
+    if not chosen:
+        return None
+
+    path = Path(chosen).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"data directory {str(path)!r} does not exist; set {DATA_DIR_VARIABLE} or the "
+            "data_dir parameter to a folder that holds the dataset's npz files"
+        )
+    return path
+
+
+def load_npz_images(path: str | os.PathLike, keys: tuple[str, ...] = ("images",)) -> np.ndarray:
+    """Read and concatenate the arrays ``keys`` of an npz file, refusing pickled objects.
+
+    Returns:
+        uint8 or float array of shape (N, H, W) or (N, H, W, C).
+    """
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = [key for key in keys if key not in archive.files]
+            if missing:
+                raise KeyError(
+                    f"{str(path)!r} has no array {missing[0]!r} (arrays: {archive.files}); "
+                    f"save the images under the name {keys[0]!r}"
+                )
+            arrays = [archive[key] for key in keys]
+    except ValueError as error:
+        raise ValueError(
+            f"cannot read {str(path)!r} as a plain npz file ({error}); files holding pickled "
+            "objects are refused, save the images as a numeric array with numpy.savez"
+        ) from error
+
+    return np.concatenate(arrays, axis=0)
+
+
+def _official_name(name: str, size: int) -> str:
+    return f"{name}.npz" if size == 28 else f"{name}_{size}.npz"
+
+
+def _download_medmnist(name: str, size: int, root: Path) -> Path:
+    """Download the official MedMNIST file through the medmnist package (MD5 checked)."""
+    try:
+        import medmnist
+    except ImportError as error:
+        raise FileNotFoundError(
+            f"no {name} file of {size} px found and the medmnist package is not installed; "
+            f"set {DATA_DIR_VARIABLE} to a folder holding {name}_union_{size}.npz or "
+            f"{_official_name(name, size)}, or install medmnist to download it "
+            "(pip install --no-deps medmnist)"
+        ) from error
+
+    info = medmnist.INFO.get(name)
+    if info is None:
+        raise KeyError(f"{name!r} is not a MedMNIST dataset; choose one of {sorted(medmnist.INFO)}")
+
+    root.mkdir(parents=True, exist_ok=True)
+    dataset_class = getattr(medmnist, info["python_class"])
+    log.info("downloading %s at %d px into %s", name, size, root)
+    dataset_class(split="train", download=True, size=size, root=str(root))
+    return root / _official_name(name, size)
+
+
+def load_medmnist(
+    name: str = "pneumoniamnist", size: int = 28, data_dir: str | os.PathLike | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Load every image of a MedMNIST 2-D dataset, duplicates removed.
+
+    Looks in the data directory (``data_dir``, else ``$FCRE_DATA_DIR``) for the offline union
+    file, then the official file; downloads the official file through medmnist when neither is
+    there and a download is possible.
+
+    Returns:
+        images: uint8 array (N, size, size); labels: int array (N,).
+    """
+    if size not in MEDMNIST_SIZES:
+        raise ValueError(f"MedMNIST size {size} is not available; choose one of {MEDMNIST_SIZES}")
+
+    root = find_data_dir(data_dir)
+    union = root / f"{name}_union_{size}.npz" if root else None
+    official = root / _official_name(name, size) if root else None
+
+    if union is not None and union.is_file():
+        images = load_npz_images(union, ("images",))
+        labels = load_npz_images(union, ("labels",)).reshape(-1)
+        source = union
+    else:
+        if official is None or not official.is_file():
+            official = _download_medmnist(name, size, root or Path("data") / "medmnist")
+        splits = ("train", "val", "test")
+        images = load_npz_images(official, tuple(f"{s}_images" for s in splits))
+        labels = load_npz_images(official, tuple(f"{s}_labels" for s in splits)).reshape(-1)
+        source = official
+
+    images, labels = drop_duplicates(images, labels)
+    log.info("loaded %d unique images of %s px from %s", len(images), images.shape[1:], source)
+    return images, labels
+
+
+def drop_duplicates(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the first copy of every distinct image (by content hash)."""
+    hashes = content_hashes(images)
+    _, first = np.unique(hashes, return_index=True)
+    keep = np.sort(first)
+    if len(keep) < len(images):
+        log.info("dropped %d duplicate images", len(images) - len(keep))
+    return images[keep], labels[keep]
+
+
+def load_image_folder(folder: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
+    """Read every PNG or JPEG file of ``folder`` as an 8-bit grayscale image.
+
+    Returns:
+        images: uint8 array (N, H, W); names: the file names, sorted.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no PNG or JPEG files in {str(folder)!r}")
+
+    images = []
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                images.append(np.asarray(image.convert("L")))
+        except (UnidentifiedImageError, OSError) as error:
+            raise ValueError(f"cannot read image {str(path)!r}: {error}; replace or remove it") from error
+
+    shapes = {image.shape for image in images}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"images in {str(folder)!r} have mixed sizes {sorted(shapes)}; resize them to one size"
+        )
+    return np.stack(images), [p.name for p in files]
+
+
+def content_hashes(images: np.ndarray) -> np.ndarray:
+    """Return the SHA-256 hex digest of each image's stored pixels, shape (N,)."""
+    return np.array([hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest() for image in images])
+
+
+def to_model_tensor(images: np.ndarray, image_size: int) -> torch.Tensor:
+    """Convert 8-bit grayscale images to the model's input.
+
+    Images smaller than ``image_size`` are padded by repeating their edge pixels (no
+    interpolation, so no pixel value changes); larger ones are refused.
+
+    Args:
+        images: uint8 array (N, H, W), H == W.
+        image_size: side of the output images.
+
+    Returns:
+        float32 tensor (N, 1, image_size, image_size) with values in [-1, 1].
+    """
+    if images.ndim != 3:
+        raise ValueError(f"expected grayscale images of shape (N, H, W), got shape {images.shape}")
+    if images.dtype != np.uint8:
+        raise ValueError(f"expected uint8 images, got dtype {images.dtype}; scale them to 0..255")
+
+    height, width = images.shape[1:]
+    if height > image_size or width > image_size:
+        raise ValueError(
+            f"images of {height}x{width} px exceed image_size={image_size}; "
+            "raise image_size or use a MedMNIST source_size that is not larger"
+        )
+
+    pad_h, pad_w = image_size - height, image_size - width
+    padding = ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2))
+    padded = np.pad(images, padding, mode="edge")
+
+    tensor = torch.from_numpy(padded.astype(np.float32)).unsqueeze(1)
+    return tensor / 127.5 - 1.0
+
+
+def make_splits(
+    hashes: np.ndarray,
+    n_members: int,
+    n_nonmembers: int,
+    calibration_fraction: float,
+    seed: int,
+) -> pd.DataFrame:
+    """Draw disjoint member and non-member sets and split each into calibration and evaluation.
+
+    Args:
+        hashes: content hash of each available image, shape (N,), all distinct.
+        n_members, n_nonmembers: sizes of the two sets; together at most N.
+        calibration_fraction: share of each set in the calibration split, in [0, 1).
+        seed: seed of the random draw.
+
+    Returns:
+        The manifest: columns ``image_id`` (row in the source), ``sha256``, ``member`` (bool) and
+        ``split`` ("calibration" or "evaluation"), members first.
+    """
+    n_total = len(hashes)
+    if n_members < 1 or n_nonmembers < 1:
+        raise ValueError(
+            f"n_members={n_members} and n_nonmembers={n_nonmembers} must both be at least 1"
+        )
+    if n_members + n_nonmembers > n_total:
+        raise ValueError(
+            f"n_members + n_nonmembers = {n_members + n_nonmembers} exceeds the {n_total} "
+            "available images; lower one of them"
+        )
+    if not 0.0 <= calibration_fraction < 1.0:
+        raise ValueError(f"calibration_fraction must be in [0, 1), got {calibration_fraction}")
+    if len(set(hashes)) != n_total:
+        raise ValueError("the images contain duplicates; remove them before splitting")
+
+    order = np.random.default_rng(seed).permutation(n_total)
+    rows = []
+    for is_member, ids in ((True, order[:n_members]), (False, order[n_members : n_members + n_nonmembers])):
+        n_calibration = int(round(calibration_fraction * len(ids)))
+        for position, image_id in enumerate(ids):
+            split = "calibration" if position < n_calibration else "evaluation"
+            rows.append((int(image_id), hashes[image_id], is_member, split))
+
+    manifest = pd.DataFrame(rows, columns=["image_id", "sha256", "member", "split"])
+    check_manifest(manifest)
+    return manifest
+
+
+def check_manifest(manifest: pd.DataFrame) -> None:
+    """Raise ValueError if a content hash is both member and non-member or a set is empty."""
+    members = set(manifest.loc[manifest.member, "sha256"])
+    nonmembers = set(manifest.loc[~manifest.member, "sha256"])
+    shared = members & nonmembers
+    if shared:
+        raise ValueError(
+            f"{len(shared)} images are both members and non-members (first hash "
+            f"{sorted(shared)[0][:12]}); remove the duplicates from the data"
+        )
+
+    for is_member, split in [(True, "evaluation"), (False, "evaluation")]:
+        count = int(((manifest.member == is_member) & (manifest.split == split)).sum())
+        if count == 0:
+            side = "member" if is_member else "non-member"
+            raise ValueError(f"the {split} split has no {side} images; enlarge that set")

@@ -1,0 +1,133 @@
+"""Build a grayscale DDPM (UNet2DModel and schedule) and save or load it as a diffusers folder.
+
+A saved model is a standard ``DDPMPipeline`` folder (``model_index.json``, ``unet/`` with
+safetensors weights, ``scheduler/``), so ``DDPMPipeline.from_pretrained(run_dir / "model")``
+works, and any diffusers DDPM checkpoint with epsilon prediction can be attacked.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+
+from .presets import Params
+
+log = logging.getLogger(__name__)
+
+
+def build_unet(params: Params, in_channels: int = 1) -> UNet2DModel:
+    """Return a randomly initialised UNet2DModel for ``params.image_size`` square images.
+
+    Every level but the lowest uses plain ResNet blocks; the lowest adds self-attention when
+    ``params.attention`` is set.
+    """
+    levels = len(params.block_out_channels)
+    down = ["DownBlock2D"] * levels
+    up = ["UpBlock2D"] * levels
+    if params.attention:
+        down[-1] = "AttnDownBlock2D"
+        up[0] = "AttnUpBlock2D"
+
+    return UNet2DModel(
+        sample_size=params.image_size,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        block_out_channels=tuple(params.block_out_channels),
+        layers_per_block=params.layers_per_block,
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        norm_num_groups=min(8, min(params.block_out_channels)),
+        attention_head_dim=8,
+    )
+
+
+def build_scheduler(params: Params) -> DDPMScheduler:
+    """Return the DDPM noise schedule: linear betas, epsilon prediction."""
+    return DDPMScheduler(
+        num_train_timesteps=params.num_train_timesteps,
+        beta_start=params.beta_start,
+        beta_end=params.beta_end,
+        beta_schedule="linear",
+        prediction_type="epsilon",
+        clip_sample=True,
+    )
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Return the number of parameters of ``model``."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_model(unet: UNet2DModel, scheduler: DDPMScheduler, folder: str | os.PathLike) -> Path:
+    """Save a DDPMPipeline folder atomically: written beside ``folder``, then renamed onto it."""
+    folder = Path(folder)
+    staging = folder.with_name(folder.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(staging, safe_serialization=True)
+
+    if folder.exists():
+        previous = folder.with_name(folder.name + ".previous")
+        if previous.exists():
+            shutil.rmtree(previous)
+        folder.rename(previous)
+        staging.rename(folder)
+        shutil.rmtree(previous)
+    else:
+        staging.rename(folder)
+    return folder
+
+
+def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[UNet2DModel, DDPMScheduler]:
+    """Load the UNet (eval mode) and noise schedule of a DDPMPipeline folder.
+
+    Raises:
+        FileNotFoundError: the folder, its ``unet/`` or its ``scheduler/`` is missing.
+        ValueError: the scheduler does not predict epsilon.
+    """
+    folder = Path(folder)
+    for part in ("unet", "scheduler"):
+        if not (folder / part).is_dir():
+            raise FileNotFoundError(
+                f"{str(folder / part)!r} not found; expected a diffusers DDPMPipeline folder "
+                "(train one with notebook 01 or save one with DDPMPipeline.save_pretrained)"
+            )
+
+    unet = UNet2DModel.from_pretrained(folder / "unet", use_safetensors=True).to(device).eval()
+    scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
+
+    if scheduler.config.prediction_type != "epsilon":
+        raise ValueError(
+            f"scheduler prediction_type is {scheduler.config.prediction_type!r}; the attacks "
+            "support epsilon prediction only"
+        )
+    return unet, scheduler
+
+
+def pick_device() -> torch.device:
+    """Return CUDA if available, then Apple MPS, then CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def sample_images(unet: UNet2DModel, scheduler: DDPMScheduler, n: int, steps: int, seed: int = 0) -> torch.Tensor:
+    """Draw ``n`` images with the DDIM sampler in ``steps`` steps (eta = 0).
+
+    Returns:
+        float tensor (n, C, H, W) in [-1, 1], on the CPU.
+    """
+    pipeline = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(scheduler.config))
+    pipeline.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.inference_mode():
+        images = pipeline(batch_size=n, generator=generator, num_inference_steps=steps, output_type="np").images
+    return torch.from_numpy(images).permute(0, 3, 1, 2) * 2.0 - 1.0

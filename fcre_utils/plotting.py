@@ -1,0 +1,160 @@
+"""Figures shared by the notebooks, all with one look, saved as PNG into the run directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+if not os.environ.get("DISPLAY") and "ipykernel" not in str(matplotlib.get_backend()).lower():
+    matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import torch
+
+sns.set_theme(style="whitegrid", context="notebook")
+MEMBER_COLOURS = {True: "#c0392b", False: "#2471a3"}
+MEMBER_NAMES = {True: "member", False: "non-member"}
+
+
+def save_figure(fig: plt.Figure, run_dir: str | os.PathLike, name: str) -> Path:
+    """Save ``fig`` as ``run_dir/figures/<name>.png`` (150 dpi) and return the path."""
+    folder = Path(run_dir) / "figures"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    return path
+
+
+def _as_image(x: torch.Tensor) -> np.ndarray:
+    return x.detach().cpu().float().squeeze(0).numpy()
+
+
+def image_grid(rows: dict[str, torch.Tensor], n: int = 8, symmetric: set[str] | None = None) -> plt.Figure:
+    """One row per entry of ``rows``: its first ``n`` images (N, 1, H, W).
+
+    Rows named in ``symmetric`` (errors, filtered images, noisy states) use a symmetric colour
+    scale around 0; the others show [-1, 1] in grayscale.
+    """
+    symmetric = symmetric or set()
+    n = min(n, *(len(v) for v in rows.values()))
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.3 * n, 1.4 * len(rows)), squeeze=False)
+    for r, (label, images) in enumerate(rows.items()):
+        for c in range(n):
+            ax = axes[r, c]
+            image = _as_image(images[c])
+            if label in symmetric:
+                limit = float(np.abs(image).max()) or 1.0
+                ax.imshow(image, cmap="RdBu_r", vmin=-limit, vmax=limit)
+            else:
+                ax.imshow(image, cmap="gray", vmin=-1, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def loss_curve(log: pd.DataFrame) -> plt.Figure:
+    """Training loss per epoch (log scale) with a 5% rolling mean."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    window = max(1, len(log) // 20)
+    ax.plot(log.epoch, log.loss, alpha=0.35, label="epoch mean")
+    ax.plot(log.epoch, log.loss.rolling(window, min_periods=1).mean(), label=f"rolling mean ({window} epochs)")
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("noise-prediction MSE")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def spectra(centres: np.ndarray, curves: dict[str, np.ndarray]) -> plt.Figure:
+    """Radially averaged power spectra: mean over images per curve (N, n_bins), log y."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for label, power in curves.items():
+        ax.plot(centres, np.nanmean(power, axis=0), marker="o", ms=3, label=label)
+    ax.axvline(1.0, color="grey", lw=0.8, ls=":")
+    ax.set_yscale("log")
+    ax.set_xlabel("normalised radius (1 = Nyquist)")
+    ax.set_ylabel("power")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def ring_comparison(centres: np.ndarray, member: np.ndarray, nonmember: np.ndarray, auc: np.ndarray, band: tuple[float, float]) -> plt.Figure:
+    """Error energy per ring for members and non-members (median, quartiles) and per-ring AUC."""
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.5, 6), sharex=True)
+    for is_member, values in ((True, member), (False, nonmember)):
+        colour = MEMBER_COLOURS[is_member]
+        q1, median, q3 = np.nanpercentile(values, [25, 50, 75], axis=0)
+        top.plot(centres, median, color=colour, marker="o", ms=3, label=MEMBER_NAMES[is_member])
+        top.fill_between(centres, q1, q3, color=colour, alpha=0.2)
+    top.set_yscale("log")
+    top.set_ylabel("reconstruction error energy")
+    top.legend()
+
+    bottom.plot(centres, auc, marker="o", ms=3, color="black")
+    bottom.axhline(0.5, color="grey", lw=0.8, ls=":")
+    bottom.set_ylabel("AUC of the ring's error")
+    bottom.set_xlabel("normalised radius (1 = Nyquist)")
+    for ax in (top, bottom):
+        ax.axvspan(*band, color="gold", alpha=0.15, lw=0)
+    fig.tight_layout()
+    return fig
+
+
+def roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> plt.Figure:
+    """ROC curves on log-log axes; ``curves`` maps a label to (fpr, tpr)."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for label, (fpr, tpr) in curves.items():
+        ax.step(np.clip(fpr, 1e-4, 1), np.clip(tpr, 1e-4, 1), where="post", label=label)
+    ax.plot([1e-4, 1], [1e-4, 1], color="grey", lw=0.8, ls=":", label="chance")
+    for target in (0.01, 0.001):
+        ax.axvline(target, color="grey", lw=0.6, ls="--")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(1e-4, 1)
+    ax.set_ylim(1e-3, 1.05)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def score_histograms(scores: pd.DataFrame) -> plt.Figure:
+    """Member and non-member score histograms, one panel per attack (tidy score table)."""
+    attacks = list(dict.fromkeys(scores.attack))
+    fig, axes = plt.subplots(1, len(attacks), figsize=(3.6 * len(attacks), 3.2), squeeze=False)
+    for ax, attack in zip(axes[0], attacks):
+        part = scores[scores.attack == attack]
+        for is_member in (False, True):
+            values = part.score[part.member == is_member]
+            ax.hist(values, bins=40, density=True, alpha=0.55, color=MEMBER_COLOURS[is_member], label=MEMBER_NAMES[is_member])
+        ax.set_title(attack, fontsize=10)
+        ax.set_xlabel("score (higher: member)")
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def error_boxplot(errors: pd.DataFrame) -> plt.Figure:
+    """Reconstruction MSE per timestep t for members and non-members (log y).
+
+    Args:
+        errors: columns ``t``, ``member`` and ``reconstruction MSE``.
+    """
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    data = errors.assign(membership=errors.member.map(MEMBER_NAMES))
+    palette = {MEMBER_NAMES[k]: v for k, v in MEMBER_COLOURS.items()}
+    sns.boxplot(data=data, x="t", y="reconstruction MSE", hue="membership", palette=palette, ax=ax, fliersize=1.5)
+    ax.set_yscale("log")
+    ax.set_xlabel("timestep t")
+    fig.tight_layout()
+    return fig

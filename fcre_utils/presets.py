@@ -1,0 +1,187 @@
+"""Named parameter sets (presets) shared by the runner, the notebooks and the tests.
+
+:class:`Params` lists every parameter with its type and its default. The defaults are sized for a
+user with a GPU (the ``paper`` preset); the other presets override a few fields:
+
+- ``smoke``: seconds per notebook on a CPU; checks that everything runs, not the science.
+- ``quick``: the default main job, real PneumoniaMNIST on a laptop CPU in under 45 minutes, with
+  members clearly separable from non-members.
+- ``paper``: 64 px images, thousands of images a side, long training; meant for a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Params:
+    """Every parameter of a run, with the ``paper`` preset's values as defaults."""
+
+    # Data
+    dataset: str = "pneumoniamnist"  # MedMNIST 2-D dataset name, or a path to an npz file
+    data_dir: str = ""  # folder with the npz files; empty: $FCRE_DATA_DIR, then download
+    source_size: int = 64  # MedMNIST resolution to read: 28, 64, 128 or 224 px
+    image_size: int = 64  # model resolution; smaller sources are edge-padded to it
+    n_members: int = 2500  # training images (members)
+    n_nonmembers: int = 2500  # images never used in training (non-members)
+    calibration_fraction: float = 0.2  # share of each side held out to choose attack settings
+    seed: int = 0  # seed for splits, initial weights, training noise and attack noise
+
+    # Model and noise schedule
+    block_out_channels: list[int] = field(default_factory=lambda: [64, 128, 256, 256])
+    layers_per_block: int = 2  # ResNet blocks per UNet resolution level
+    attention: bool = True  # self-attention at the lowest resolution level
+    num_train_timesteps: int = 1000  # T of the DDPM schedule
+    beta_start: float = 1e-4  # first beta of the linear schedule
+    beta_end: float = 0.02  # last beta of the linear schedule
+
+    # Training
+    epochs: int = 2000  # passes over the members
+    batch_size: int = 64  # training batch size per process
+    learning_rate: float = 2e-4  # AdamW learning rate
+    ema_decay: float = 0.9995  # EMA decay of the saved weights
+    checkpoint_every: int = 100  # epochs between checkpoints of the model folder
+    mixed_precision: str = "no"  # accelerate mixed precision: no, fp16 or bf16 (GPU only)
+    n_samples: int = 16  # images sampled from the trained model for display
+    sample_steps: int = 50  # DDIM steps per displayed sample
+
+    # Reconstruction
+    timesteps: list[int] = field(default_factory=lambda: [50, 100, 200])  # candidate t
+    ddim_stride: int = 10  # timesteps skipped per DDIM step (k)
+    score_batch_size: int = 256  # images per batch when scoring
+
+    # Attacks
+    band_low: float = 0.15  # default FCRE band, low edge (normalised radius, 1 = Nyquist)
+    band_high: float = 0.85  # default FCRE band, high edge
+    band_candidates: list[list[float]] = field(
+        default_factory=lambda: [
+            [0.15, 0.85], [0.05, 0.5], [0.1, 0.6], [0.25, 0.75], [0.5, 1.0], [0.0, 1.5],
+        ]
+    )  # bands compared on the calibration split; [0, 1.5] keeps every frequency
+    select_on_calibration: bool = True  # choose protocol, t and band on the calibration split
+    fcre_protocol: str = "x0"  # used when not selecting: "x0" or "residual"
+    fcre_t: int = 100  # used when not selecting: timestep t of the FCRE perturbation
+    naive_t: int = 100  # timestep t of the naive loss attack
+    naive_draws: int = 4  # noise draws averaged by the naive loss attack
+
+    # Display
+    progress: bool = True  # show tqdm progress bars
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "quick": {
+        "source_size": 28,
+        "image_size": 32,
+        "n_members": 128,
+        "n_nonmembers": 1400,
+        "calibration_fraction": 0.25,
+        "block_out_channels": [16, 32, 32],
+        "layers_per_block": 1,
+        "epochs": 1100,
+        "batch_size": 32,
+        "learning_rate": 1e-3,
+        "ema_decay": 0.999,
+        "checkpoint_every": 100,
+    },
+    "smoke": {
+        "source_size": 28,
+        "image_size": 32,
+        "n_members": 24,
+        "n_nonmembers": 24,
+        "calibration_fraction": 0.5,
+        "block_out_channels": [8, 16],
+        "layers_per_block": 1,
+        "attention": False,
+        "epochs": 2,
+        "batch_size": 8,
+        "learning_rate": 1e-3,
+        "ema_decay": 0.9,
+        "checkpoint_every": 1,
+        "timesteps": [20, 40],
+        "ddim_stride": 20,
+        "band_candidates": [[0.15, 0.85], [0.0, 1.5]],
+        "naive_t": 40,
+        "naive_draws": 1,
+        "n_samples": 4,
+        "sample_steps": 5,
+        "progress": False,
+    },
+}
+
+
+def preset_names() -> list[str]:
+    """Return the names of the presets."""
+    return sorted(PRESETS)
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(Params)
+
+
+def _check_type(name: str, value: Any, expected: Any) -> Any:
+    """Return ``value`` converted to ``expected`` where lossless, else raise TypeError."""
+    origin = typing.get_origin(expected)
+
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+    elif expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif expected is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif expected is str:
+        if isinstance(value, str):
+            return value
+    elif origin is list:
+        (item_type,) = typing.get_args(expected)
+        if isinstance(value, (list, tuple)):
+            return [_check_type(f"{name}[{i}]", item, item_type) for i, item in enumerate(value)]
+
+    raise TypeError(
+        f"parameter {name!r} must be of type {getattr(expected, '__name__', expected)}, "
+        f"got {value!r} ({type(value).__name__}); fix the value in the preset or override"
+    )
+
+
+def resolve_params(preset: str, overrides: dict[str, Any] | None = None) -> Params:
+    """Return the parameters of ``preset`` with ``overrides`` applied on top.
+
+    Raises:
+        KeyError: ``preset`` is not a known preset, or an override names no parameter.
+        TypeError: an override has the wrong type (an int is accepted for a float).
+    """
+    if preset not in PRESETS:
+        raise KeyError(f"unknown preset {preset!r}; choose one of {preset_names()}")
+
+    types = _field_types()
+    values = dict(PRESETS[preset])
+    for name, value in (overrides or {}).items():
+        if name not in types:
+            raise KeyError(
+                f"unknown parameter {name!r}; valid parameters are: {', '.join(sorted(types))}"
+            )
+        values[name] = value
+
+    checked = {name: _check_type(name, value, types[name]) for name, value in values.items()}
+    return Params(**checked)
+
+
+def params_to_dict(params: Params) -> dict[str, Any]:
+    """Return ``params`` as a plain dict of YAML-safe values."""
+    return dataclasses.asdict(params)
+
+
+def params_from_dict(values: dict[str, Any]) -> Params:
+    """Build :class:`Params` from a dict such as a loaded ``params.yaml``, checking types."""
+    types = _field_types()
+    unknown = sorted(set(values) - set(types))
+    if unknown:
+        raise KeyError(f"unknown parameters {unknown}; this file was written by another version")
+    return Params(**{name: _check_type(name, v, types[name]) for name, v in values.items()})

@@ -1,0 +1,194 @@
+"""Perturb images to a timestep t and reconstruct them with the reverse process.
+
+Three operations on a trained noise predictor ``eps_theta(x_t, t)`` with cumulative schedule
+``alphas_cumprod`` (written a_t below):
+
+- forward noising: ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps`` with fresh Gaussian ``eps``;
+- deterministic DDIM inversion: from x0 (taken as the state at timestep 0) up to t in steps of
+  ``stride`` timesteps (Song et al. 2021, eta = 0, run backwards);
+- the DDIM reverse process from t down to timestep 0, in the same steps.
+
+Both go through :func:`ddim_move`, one DDIM update between two timesteps. A reconstruction from
+t costs ``t // stride`` network evaluations (NFE) each way.
+
+Two comparison protocols from the FCRE literature use these:
+
+- ``"x0"``: invert to t, run the reverse process back to timestep 0, compare with x0;
+- ``"residual"``: invert to t, take one reverse step to t - stride and one inversion step back
+  to t, compare the two states at t (the same-noise residual of SecMI, Duan et al. 2023).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from diffusers import UNet2DModel
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def forward_noise(x0: torch.Tensor, t: int, alphas_cumprod: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(x_t, eps)``: x0 noised to timestep ``t`` with fresh noise ``eps``.
+
+    Args:
+        x0: images (N, C, H, W) in [-1, 1].
+        t: timestep, 0 <= t < len(alphas_cumprod).
+        alphas_cumprod: cumulative product of (1 - beta), shape (T,).
+        generator: optional seeded generator for ``eps``.
+    """
+    eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    a_t = alphas_cumprod[t].to(x0.device, x0.dtype)
+    return a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps, eps
+
+
+def ddim_move(x: torch.Tensor, eps: torch.Tensor, a_from: torch.Tensor, a_to: torch.Tensor) -> torch.Tensor:
+    """One deterministic DDIM update from cumulative alpha ``a_from`` to ``a_to``.
+
+    1. predict x0 from the current state and the predicted noise;
+    2. re-noise that prediction to ``a_to`` with the same noise.
+
+    ``a_to < a_from`` is an inversion step (towards noise), ``a_to > a_from`` a reverse step.
+    """
+    x0_pred = (x - (1 - a_from).sqrt() * eps) / a_from.sqrt()
+    return a_to.sqrt() * x0_pred + (1 - a_to).sqrt() * eps
+
+
+def _timestep_grid(t: int, stride: int) -> list[int]:
+    if stride < 1:
+        raise ValueError(f"stride must be a positive number of timesteps, got {stride}")
+    if t < stride or t % stride:
+        raise ValueError(f"timestep t={t} must be a positive multiple of stride={stride}")
+    return list(range(0, t + 1, stride))
+
+
+def _eps(unet: UNet2DModel, x: torch.Tensor, t: int) -> torch.Tensor:
+    timesteps = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+    return unet(x, timesteps).sample
+
+
+def ddim_invert(unet: UNet2DModel, x0: torch.Tensor, t: int, stride: int, alphas_cumprod: torch.Tensor, keep: tuple[int, ...] = ()) -> dict[int, torch.Tensor]:
+    """Deterministic DDIM inversion of ``x0`` up to timestep ``t``; ``t // stride`` NFE.
+
+    Returns:
+        ``{timestep: state}`` for ``t`` and every timestep of ``keep`` on the grid
+        0, stride, ..., t; each state has the shape of ``x0``.
+    """
+    grid = _timestep_grid(t, stride)
+    alphas = alphas_cumprod.to(x0.device, x0.dtype)
+    states = {0: x0} if 0 in keep else {}
+    x = x0
+    for t_from, t_to in zip(grid[:-1], grid[1:]):
+        x = ddim_move(x, _eps(unet, x, t_from), alphas[t_from], alphas[t_to])
+        if t_to in keep or t_to == t:
+            states[t_to] = x
+    return states
+
+
+def ddim_reverse(unet: UNet2DModel, x_t: torch.Tensor, t: int, stride: int, alphas_cumprod: torch.Tensor) -> list[torch.Tensor]:
+    """DDIM reverse process from timestep ``t`` down to 0; ``t // stride`` NFE.
+
+    Returns:
+        The states at timesteps t - stride, t - 2 stride, ..., 0, in that order.
+    """
+    grid = _timestep_grid(t, stride)
+    alphas = alphas_cumprod.to(x_t.device, x_t.dtype)
+    states = []
+    x = x_t
+    for t_from, t_to in zip(grid[:0:-1], grid[-2::-1]):
+        x = ddim_move(x, _eps(unet, x, t_from), alphas[t_from], alphas[t_to])
+        states.append(x)
+    return states
+
+
+@dataclass
+class Reconstructions:
+    """Reconstructions of a batch of images at several timesteps.
+
+    Every tensor has shape (N, C, H, W); dicts are keyed by timestep t.
+    """
+
+    x0: torch.Tensor  # the originals
+    x_t: dict[int, torch.Tensor]  # DDIM inversion of x0 to t
+    x_t_roundtrip: dict[int, torch.Tensor]  # x_t after one reverse and one inversion step
+    x0_recon: dict[int, torch.Tensor]  # DDIM reverse process from x_t back to timestep 0
+    nfe: dict[int, int]  # network evaluations per image to reconstruct at t alone
+
+    def to_dict(self) -> dict:
+        """Plain dict of tensors and ints, loadable with ``torch.load(weights_only=True)``."""
+        return {"x0": self.x0, "x_t": self.x_t, "x_t_roundtrip": self.x_t_roundtrip, "x0_recon": self.x0_recon, "nfe": self.nfe}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Reconstructions":
+        return cls(**values)
+
+    def select(self, rows) -> "Reconstructions":
+        """The reconstructions of the images ``rows`` (boolean mask or indices)."""
+        rows = torch.as_tensor(rows)
+        pick = {name: {t: v[rows] for t, v in getattr(self, name).items()} for name in ("x_t", "x_t_roundtrip", "x0_recon")}
+        return Reconstructions(x0=self.x0[rows], nfe=dict(self.nfe), **pick)
+
+
+def reconstruct(
+    unet: UNet2DModel,
+    x0: torch.Tensor,
+    timesteps: list[int],
+    stride: int,
+    alphas_cumprod: torch.Tensor,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> Reconstructions:
+    """Invert ``x0`` once to the largest t, then reconstruct from every t in ``timesteps``.
+
+    The inversion trajectory is shared by all timesteps and both protocols, and the first
+    reverse step from t serves both the residual and the x0 protocol, so the network runs
+    ``max(t) / stride`` times for the inversion plus ``t / stride + 1`` times per timestep.
+
+    Args:
+        unet: noise predictor; run in eval mode under ``torch.inference_mode()``.
+        x0: images (N, C, H, W) in [-1, 1], on any device.
+        timesteps: timesteps t, each a positive multiple of ``stride``.
+        stride: timesteps per DDIM step.
+        alphas_cumprod: cumulative schedule, shape (T,).
+        batch_size: images per network call.
+        progress: show a progress bar over batches.
+    """
+    if len(x0) == 0:
+        raise ValueError("no images to reconstruct")
+    timesteps = sorted(set(int(t) for t in timesteps))
+    for t in timesteps:
+        _timestep_grid(t, stride)
+    if timesteps[-1] >= len(alphas_cumprod):
+        raise ValueError(f"timestep {timesteps[-1]} is beyond the schedule's {len(alphas_cumprod)} steps")
+
+    device = next(unet.parameters()).device
+    unet.eval()
+    parts = {"x_t": {t: [] for t in timesteps}, "x_t_roundtrip": {t: [] for t in timesteps}, "x0_recon": {t: [] for t in timesteps}}
+    start = time.perf_counter()
+
+    with torch.inference_mode():
+        for begin in tqdm(range(0, len(x0), batch_size), desc="reconstructing", disable=not progress):
+            batch = x0[begin : begin + batch_size].to(device)
+            inverted = ddim_invert(unet, batch, timesteps[-1], stride, alphas_cumprod, keep=tuple(timesteps))
+
+            for t in timesteps:
+                x_t = inverted[t]
+                reverse_states = ddim_reverse(unet, x_t, t, stride, alphas_cumprod)
+                roundtrip = ddim_step(unet, reverse_states[0], t - stride, t, alphas_cumprod)
+                parts["x_t"][t].append(x_t.cpu())
+                parts["x_t_roundtrip"][t].append(roundtrip.cpu())
+                parts["x0_recon"][t].append(reverse_states[-1].cpu())
+
+    log.info("reconstructed %d images at t=%s (stride %d) in %.1f s", len(x0), timesteps, stride, time.perf_counter() - start)
+    joined = {name: {t: torch.cat(chunks) for t, chunks in by_t.items()} for name, by_t in parts.items()}
+    nfe = {t: 2 * (t // stride) + 1 for t in timesteps}
+    return Reconstructions(x0=x0.cpu(), nfe=nfe, **joined)
+
+
+def ddim_step(unet: UNet2DModel, x: torch.Tensor, t_from: int, t_to: int, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """One DDIM step from timestep ``t_from`` to ``t_to``, either direction (1 NFE)."""
+    alphas = alphas_cumprod.to(x.device, x.dtype)
+    return ddim_move(x, _eps(unet, x, t_from), alphas[t_from], alphas[t_to])

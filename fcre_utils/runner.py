@@ -1,0 +1,134 @@
+"""Execute the notebook series with papermill into a new run directory.
+
+``python -m fcre_utils run --preset quick --set epochs=200 --set timesteps=[50,100]`` resolves
+and checks the parameters before any notebook starts, executes ``notebooks/0*.ipynb`` in order
+into the run directory, records each notebook's wall time, and prints the metrics table.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import papermill
+import yaml
+
+from .presets import resolve_params
+from .runs import atomic_write_text, new_run_dir
+
+log = logging.getLogger(__name__)
+
+NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+KERNEL = "python3"
+
+
+class RunFailed(RuntimeError):
+    """A notebook raised an error; its executed copy in the run directory shows where."""
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Turn ``["key=value", ...]`` into a dict, reading each value as YAML (typed).
+
+    ``epochs=5`` gives an int, ``band_low=0.2`` a float, ``timesteps=[50,100]`` a list and
+    ``fcre_protocol=x0`` a string.
+    """
+    overrides = {}
+    for pair in pairs:
+        key, separator, text = pair.partition("=")
+        if not separator or not key:
+            raise ValueError(f"override {pair!r} must have the form key=value")
+        overrides[key.strip()] = yaml.safe_load(text)
+    return overrides
+
+
+def list_notebooks(notebook_dir: str | os.PathLike = NOTEBOOK_DIR) -> list[Path]:
+    """The numbered notebooks of the series, in order."""
+    notebooks = sorted(Path(notebook_dir).glob("[0-9][0-9]_*.ipynb"))
+    if not notebooks:
+        raise FileNotFoundError(f"no numbered notebooks (NN_name.ipynb) in {str(notebook_dir)!r}")
+    return notebooks
+
+
+def prepare_run_dir(run_dir: str | os.PathLike | None, preset: str, root: str | os.PathLike = "outputs") -> Path:
+    """Return a new empty run directory; an existing non-empty one is refused."""
+    if run_dir is None:
+        return new_run_dir(root, prefix=preset)
+
+    run_dir = Path(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(
+            f"run directory {str(run_dir)!r} is not empty and is kept as it is; choose a new "
+            "--run-dir or leave it out to get a fresh one under outputs/"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def run_series(
+    preset: str,
+    overrides: dict[str, Any] | None = None,
+    run_dir: str | os.PathLike | None = None,
+    notebook_dir: str | os.PathLike = NOTEBOOK_DIR,
+    only: list[str] | None = None,
+) -> Path:
+    """Execute the notebooks in order into a new run directory and return its path.
+
+    Args:
+        preset: preset name (see :mod:`fcre_utils.presets`).
+        overrides: parameter values on top of the preset, checked before anything runs.
+        run_dir: where to write; a new ``outputs/<preset>-<time>`` when None.
+        notebook_dir: folder of the numbered notebooks.
+        only: notebook name prefixes to run (e.g. ``["01", "02"]``); all when None.
+
+    Raises:
+        KeyError, TypeError: unknown preset or parameter, or a value of the wrong type.
+        RunFailed: a notebook raised; its executed copy holds the error.
+    """
+    overrides = dict(overrides or {})
+    resolve_params(preset, overrides)
+    notebooks = list_notebooks(notebook_dir)
+    if only:
+        notebooks = [nb for nb in notebooks if nb.name[:2] in only]
+
+    run_dir = prepare_run_dir(run_dir, preset).resolve()
+    log.info("run directory: %s", run_dir)
+
+    values = {"run_dir": str(run_dir), "preset": preset, "overrides": overrides}
+    timings = []
+    for notebook in notebooks:
+        declared = papermill.inspect_notebook(str(notebook))
+        parameters = {name: value for name, value in values.items() if name in declared}
+        output = run_dir / notebook.name
+
+        log.info("executing %s", notebook.name)
+        start = time.perf_counter()
+        try:
+            papermill.execute_notebook(
+                str(notebook), str(output), parameters=parameters, kernel_name=KERNEL,
+                cwd=str(notebook.parent), progress_bar=False,
+            )
+        except papermill.PapermillExecutionError as error:
+            raise RunFailed(f"{notebook.name} failed ({error.ename}: {error.evalue}); see {output}") from error
+        finally:
+            timings.append({"notebook": notebook.name, "seconds": round(time.perf_counter() - start, 1)})
+            _write_timings(run_dir, timings)
+
+    return run_dir
+
+
+def _write_timings(run_dir: Path, timings: list[dict[str, Any]]) -> None:
+    atomic_write_text(run_dir / "notebook_times.csv", pd.DataFrame(timings).to_csv(index=False), overwrite=True)
+
+
+def metrics_summary(run_dir: str | os.PathLike) -> str:
+    """The run's metrics table as text, or a note when the series stopped before notebook 04."""
+    path = Path(run_dir) / "metrics.csv"
+    if not path.is_file():
+        return f"no metrics.csv in {run_dir}"
+    table = pd.read_csv(path)
+    columns = ["attack", "setting", "nfe", "auc", "asr", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "n_members", "n_nonmembers"]
+    return table[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}")

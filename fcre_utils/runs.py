@@ -1,0 +1,241 @@
+"""Run directories: one folder per run holding its parameters, split, model and results.
+
+Layout of ``outputs/<run-name>/``::
+
+    params.yaml          resolved parameters (written once, by notebook 01 or the runner)
+    environment.yaml     package versions, seed, threads, device and git commit
+    manifest.csv         image_id, sha256, member, split
+    model/               diffusers DDPMPipeline folder (safetensors)
+    training_log.csv     mean loss per epoch
+    reconstructions.pt   cached DDIM inversions and reconstructions (notebook 02)
+    scores.csv           one row per image and attack (notebook 04)
+    metrics.csv          one row per attack (notebook 04)
+    figures/             PNG figures
+    *.ipynb              executed notebooks (runner)
+
+Result files are written atomically (temporary file, then rename) and never overwritten.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+from .data import check_manifest, content_hashes, load_medmnist, load_npz_images, make_splits, to_model_tensor
+from .presets import Params, params_from_dict, params_to_dict, resolve_params
+from .reconstruction import Reconstructions, reconstruct
+
+log = logging.getLogger(__name__)
+
+PACKAGES = ("torch", "diffusers", "accelerate", "numpy", "scikit-learn", "scikit-image", "torchmetrics", "papermill")
+
+
+def new_run_dir(root: str | os.PathLike = "outputs", prefix: str = "run") -> Path:
+    """Create and return a new, empty run directory ``root/<prefix>-<UTC time>[-n]``."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1000):
+        name = f"{prefix}-{stamp}" if attempt == 0 else f"{prefix}-{stamp}-{attempt}"
+        try:
+            (root / name).mkdir()
+            return root / name
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a new run directory under {str(root)!r}")
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = False) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is false.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(
+            f"{str(path)!r} already exists and is kept; start a new run directory to recompute it"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+    return path
+
+
+def write_table(table: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write ``table`` as CSV atomically; an existing file is never overwritten."""
+    return atomic_write_text(path, table.to_csv(index=False))
+
+
+def save_tensors(tensors: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Save a dict of tensors with torch.save atomically; an existing file is kept."""
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{str(path)!r} already exists and is kept; start a new run directory")
+    temporary = path.with_name(f".{path.name}.tmp")
+    torch.save(tensors, temporary)
+    os.replace(temporary, path)
+    return path
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a file written by :func:`save_tensors` (tensors only, no pickled code)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def start_run(run_dir: str | os.PathLike, preset: str, overrides: dict[str, Any] | None = None) -> Params:
+    """Resolve the parameters and record them in a run directory that has none yet.
+
+    Writes ``params.yaml`` and ``environment.yaml``.
+
+    Raises:
+        FileExistsError: the run directory already holds ``params.yaml`` from another run.
+    """
+    params = resolve_params(preset, overrides)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    if (run_dir / "params.yaml").exists():
+        raise FileExistsError(
+            f"run directory {str(run_dir)!r} already holds a run (params.yaml); choose a new "
+            "run_dir, or open the existing run with notebooks 02-04"
+        )
+    atomic_write_text(run_dir / "params.yaml", yaml.safe_dump({"preset": preset, **params_to_dict(params)}, sort_keys=False))
+    atomic_write_text(run_dir / "environment.yaml", yaml.safe_dump(environment_record(params), sort_keys=False))
+    log.info("started run %s with preset %s", run_dir, preset)
+    return params
+
+
+def load_run(run_dir: str | os.PathLike) -> Params:
+    """Return the parameters recorded in ``run_dir/params.yaml``."""
+    path = Path(run_dir) / "params.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{str(path)!r} not found; run notebook 01 (or python -m fcre_utils run) first to "
+            "create this run directory"
+        )
+    values = yaml.safe_load(path.read_text())
+    values.pop("preset", None)
+    return params_from_dict(values)
+
+
+def environment_record(params: Params) -> dict[str, Any]:
+    """Package versions, seed, thread count, device and git commit, for reproducibility."""
+    from .models import pick_device
+
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": versions,
+        "seed": params.seed,
+        "torch_threads": torch.get_num_threads(),
+        "device": str(pick_device()),
+        "git_commit": _git_commit(),
+        "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _git_commit() -> str:
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return result.stdout.strip() if result.returncode == 0 else "unknown"
+
+
+def load_source_images(params: Params) -> np.ndarray:
+    """Load every image of the run's dataset as uint8 (N, H, W)."""
+    if params.dataset.endswith(".npz"):
+        images = load_npz_images(params.dataset)
+    else:
+        images, _ = load_medmnist(params.dataset, params.source_size, params.data_dir or None)
+    if images.ndim != 3:
+        raise ValueError(f"dataset {params.dataset!r} has shape {images.shape}; expected grayscale (N, H, W)")
+    return images
+
+
+def create_manifest(run_dir: str | os.PathLike, params: Params) -> pd.DataFrame:
+    """Draw the member / non-member / calibration split and write ``manifest.csv``."""
+    images = load_source_images(params)
+    manifest = make_splits(content_hashes(images), params.n_members, params.n_nonmembers, params.calibration_fraction, params.seed)
+    write_table(manifest, Path(run_dir) / "manifest.csv")
+    return manifest
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Show the package's one-line phase logs (counts and timings) in a notebook or script."""
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+
+
+def rows(manifest: pd.DataFrame, member: bool | None = None, split: str | None = None) -> torch.Tensor:
+    """Boolean row mask of the manifest for a membership and/or split, as a tensor."""
+    mask = np.ones(len(manifest), dtype=bool)
+    if member is not None:
+        mask &= manifest.member.to_numpy() == member
+    if split is not None:
+        mask &= manifest.split.to_numpy() == split
+    return torch.from_numpy(mask.copy())
+
+
+def cached_reconstructions(run_dir: str | os.PathLike, params: Params, unet, alphas_cumprod: torch.Tensor, images: torch.Tensor) -> Reconstructions:
+    """Load ``reconstructions.pt`` if this run has it, else reconstruct every image and save it."""
+    path = Path(run_dir) / "reconstructions.pt"
+    if path.is_file():
+        recon = Reconstructions.from_dict(load_tensors(path))
+        if len(recon.x0) != len(images):
+            raise ValueError(f"{str(path)!r} holds {len(recon.x0)} images, the manifest {len(images)}; start a new run")
+        log.info("loaded cached reconstructions from %s", path)
+        return recon
+
+    recon = reconstruct(unet, images, params.timesteps, params.ddim_stride, alphas_cumprod, params.score_batch_size, params.progress)
+    save_tensors(recon.to_dict(), path)
+    return recon
+
+
+def load_reconstructions(run_dir: str | os.PathLike) -> Reconstructions:
+    """Load the reconstructions notebook 02 saved."""
+    path = Path(run_dir) / "reconstructions.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} not found; run notebook 02 on this run directory first")
+    return Reconstructions.from_dict(load_tensors(path))
+
+
+def load_split_images(run_dir: str | os.PathLike, params: Params) -> tuple[pd.DataFrame, torch.Tensor]:
+    """Return the manifest and the model-ready images of its rows, in manifest order.
+
+    Raises:
+        ValueError: an image's content no longer matches the hash recorded in the manifest.
+    """
+    manifest = pd.read_csv(Path(run_dir) / "manifest.csv")
+    check_manifest(manifest)
+    images = load_source_images(params)[manifest.image_id.to_numpy()]
+
+    changed = content_hashes(images) != manifest.sha256.to_numpy()
+    if changed.any():
+        first = int(manifest.image_id[changed].iloc[0])
+        raise ValueError(
+            f"{int(changed.sum())} images differ from the manifest (first image_id {first}); the "
+            "dataset changed since this run was created, start a new run"
+        )
+    return manifest, to_model_tensor(images, params.image_size)
