@@ -1,0 +1,95 @@
+import numpy as np
+import pytest
+import torch
+from skimage.metrics import structural_similarity
+
+from fcre_utils import attacks, frequency, reconstruction
+
+
+def test_ssim_matches_scikit_image():
+    rng = np.random.default_rng(0)
+    a = rng.uniform(-1, 1, (3, 1, 32, 32))
+    b = np.clip(a + rng.normal(0, 0.2, a.shape), -1, 1)
+    ours = attacks.ssim_scores(torch.from_numpy(a), torch.from_numpy(b))
+    reference = [structural_similarity(a[i, 0], b[i, 0], data_range=2.0, gaussian_weights=True, sigma=1.5,
+                                       use_sample_covariance=False) for i in range(3)]
+    np.testing.assert_allclose(ours, reference, rtol=1e-10)
+
+
+def test_identical_images_score_highest():
+    images = torch.rand(2, 1, 32, 32) * 2 - 1
+    np.testing.assert_allclose(attacks.ssim_scores(images, images), 1.0)
+    np.testing.assert_allclose(attacks.l2_scores(images, images), 0.0)
+
+
+def test_l2_is_negative_mse():
+    a = torch.zeros(1, 1, 4, 4)
+    b = torch.full((1, 1, 4, 4), 0.5)
+    assert attacks.l2_scores(a, b)[0] == pytest.approx(-0.25)
+
+
+def test_fcre_scores_use_band():
+    rng = np.random.default_rng(1)
+    original = torch.from_numpy(rng.normal(size=(3, 1, 32, 32)))
+    recon = original + 0.1 * torch.from_numpy(rng.normal(size=(3, 1, 32, 32)))
+    a, b = frequency.bandpass(original, 0.2, 0.6), frequency.bandpass(recon, 0.2, 0.6)
+    expected_ssim = [structural_similarity(a[i, 0].numpy(), b[i, 0].numpy(), data_range=2.0, gaussian_weights=True,
+                                           sigma=1.5, use_sample_covariance=False) for i in range(3)]
+    expected_l2 = -((a - b) ** 2).mean(dim=(1, 2, 3)).numpy()
+    np.testing.assert_allclose(attacks.fcre_scores(original, recon, 0.2, 0.6, "ssim"), expected_ssim, rtol=1e-10)
+    np.testing.assert_allclose(attacks.fcre_scores(original, recon, 0.2, 0.6, "l2"), expected_l2, rtol=1e-10)
+    combined = attacks.fcre_scores(original, recon, 0.2, 0.6, "l2_ssim", l2_weight=3.0)
+    np.testing.assert_allclose(combined, np.array(expected_ssim) + 3.0 * expected_l2, rtol=1e-10)
+
+
+def test_fcre_unknown_metric_rejected():
+    images = torch.zeros(1, 1, 16, 16)
+    with pytest.raises(ValueError, match="unknown FCRE metric 'l1'"):
+        attacks.fcre_scores(images, images, 0.1, 0.5, "l1")
+
+
+def test_balance_weight_equalises_spread():
+    ssim = np.array([0.1, 0.2, 0.3])
+    l2 = np.array([-10.0, -20.0, -30.0])
+    weight = attacks.balance_l2_weight(ssim, l2)
+    assert np.std(weight * l2) == pytest.approx(np.std(ssim))
+
+
+def test_balance_weight_constant_l2_rejected():
+    with pytest.raises(ValueError, match="constant"):
+        attacks.balance_l2_weight(np.arange(3.0), np.zeros(3))
+
+
+def test_naive_loss_formula(tiny_model):
+    unet, scheduler, _, images = tiny_model
+    x0 = images[:6]
+    attack = attacks.NaiveLossAttack(t=50, draws=2, seed=3, batch_size=4)
+    scores = attack.score(unet, scheduler.alphas_cumprod, x0)
+
+    generator = torch.Generator().manual_seed(3)
+    expected = np.zeros(6)
+    with torch.no_grad():
+        for begin in (0, 4):
+            batch = x0[begin : begin + 4]
+            for _ in range(2):
+                eps = torch.randn(batch.shape, generator=generator)
+                a = scheduler.alphas_cumprod[50]
+                pred = unet(a.sqrt() * batch + (1 - a).sqrt() * eps, torch.full((len(batch),), 50)).sample
+                expected[begin : begin + len(batch)] += ((pred - eps) ** 2).mean(dim=(1, 2, 3)).numpy() / 2
+    np.testing.assert_allclose(scores, -expected, rtol=1e-5)
+    assert attack.nfe == 2
+
+
+def test_fcre_attack_matches_cached_scoring(tiny_model):
+    unet, scheduler, _, images = tiny_model
+    x0 = images[:5]
+    recon = reconstruction.reconstruct(unet, x0, [40], 20, scheduler.alphas_cumprod, progress=False)
+    for protocol, pair in (("x0", (recon.x0, recon.x0_recon[40])), ("residual", (recon.x_t[40], recon.x_t_roundtrip[40]))):
+        attack = attacks.FCREAttack(t=40, stride=20, protocol=protocol, low=0.1, high=0.7, metric="ssim", batch_size=3)
+        expected = attacks.fcre_scores(*pair, 0.1, 0.7, "ssim")
+        np.testing.assert_allclose(attack.score(unet, scheduler.alphas_cumprod, x0), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_fcre_nfe_declared():
+    assert attacks.FCREAttack(t=100, stride=10, protocol="x0").nfe == 20
+    assert attacks.FCREAttack(t=100, stride=10, protocol="residual").nfe == 12

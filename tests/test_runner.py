@@ -1,0 +1,125 @@
+"""The runner executes the real notebooks with papermill under the smoke preset."""
+
+import subprocess
+import sys
+
+import nbformat
+import pandas as pd
+import pytest
+import yaml
+
+from fcre_utils.runner import parse_overrides
+
+pytestmark = pytest.mark.slow
+
+METRIC_COLUMNS = ["attack", "auc", "asr", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "n_members", "n_nonmembers", "nfe"]
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "fcre_utils", "run", *args], capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(npz_dataset, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "smoke"
+    result = run_cli("--preset", "smoke", "--set", f"dataset={npz_dataset}", "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result
+
+
+def test_run_directory_contents(smoke_run):
+    run_dir, _ = smoke_run
+    for name in ["params.yaml", "environment.yaml", "manifest.csv", "training_log.csv", "reconstructions.pt",
+                 "fcre_selection.csv", "scores.csv", "metrics.csv", "notebook_times.csv", "model/unet/config.json",
+                 "01_train_ddpm.ipynb", "02_reconstruction.ipynb", "03_frequency_analysis.ipynb", "04_attack.ipynb"]:
+        assert (run_dir / name).exists(), name
+
+
+def test_figures_written(smoke_run):
+    run_dir, _ = smoke_run
+    figures = {p.stem for p in (run_dir / "figures").glob("*.png")}
+    assert {"01_loss_curve", "01_samples", "02_reconstruction_members", "03_spectra", "03_error_by_ring", "04_roc"} <= figures
+
+
+def test_metrics_table(smoke_run):
+    run_dir, result = smoke_run
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert set(METRIC_COLUMNS) <= set(metrics.columns)
+    assert set(metrics.attack) == {"fcre_ssim", "fcre_l2", "fcre_l2_ssim", "naive_loss"}
+    assert metrics.auc.between(0, 1).all()
+    assert (metrics.n_members == 12).all()
+    assert "fcre_ssim" in result.stdout
+
+
+def test_scores_table(smoke_run):
+    run_dir, _ = smoke_run
+    scores = pd.read_csv(run_dir / "scores.csv")
+    manifest = pd.read_csv(run_dir / "manifest.csv")
+    assert list(scores.columns) == ["image_id", "member", "split", "attack", "setting", "nfe", "score"]
+    assert len(scores) == 4 * len(manifest)
+    assert scores.groupby("attack").image_id.apply(set).map(lambda ids: ids == set(manifest.image_id)).all()
+
+
+def test_params_recorded(smoke_run, npz_dataset):
+    run_dir, _ = smoke_run
+    params = yaml.safe_load((run_dir / "params.yaml").read_text())
+    assert params["preset"] == "smoke"
+    assert params["dataset"] == str(npz_dataset)
+    environment = yaml.safe_load((run_dir / "environment.yaml").read_text())
+    assert environment["packages"]["torch"].startswith("2.13.0")
+    assert environment["seed"] == 0
+
+
+def test_parameters_injected(smoke_run):
+    run_dir, _ = smoke_run
+    notebook = nbformat.read(run_dir / "01_train_ddpm.ipynb", as_version=4)
+    injected = [c for c in notebook.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert len(injected) == 1
+    assert "smoke" in injected[0].source
+
+
+def test_existing_run_dir_refused(smoke_run):
+    run_dir, _ = smoke_run
+    before = sorted(p.name for p in run_dir.iterdir())
+    result = run_cli("--preset", "smoke", "--run-dir", str(run_dir))
+    assert result.returncode == 2
+    assert "is not empty" in result.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
+def test_unknown_parameter_refused_before_running(tmp_path):
+    result = run_cli("--preset", "smoke", "--set", "epoch=3", "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert "unknown parameter 'epoch'" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_preset_refused(tmp_path):
+    result = run_cli("--preset", "huge", "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert "unknown preset 'huge'" in result.stderr
+
+
+def test_wrong_type_refused(tmp_path):
+    result = run_cli("--preset", "smoke", "--set", "epochs=many", "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert "parameter 'epochs' must be of type int" in result.stderr
+
+
+def test_failed_notebook_kept(tmp_path, npz_dataset):
+    run_dir = tmp_path / "run"
+    result = run_cli("--preset", "smoke", "--set", f"dataset={npz_dataset}", "--set", "n_members=5000", "--run-dir", str(run_dir), "--only", "01")
+    assert result.returncode == 1
+    assert "01_train_ddpm.ipynb failed" in result.stderr
+    executed = (run_dir / "01_train_ddpm.ipynb").read_text()
+    assert "exceeds the 80 available images" in executed
+
+
+def test_overrides_typed():
+    overrides = parse_overrides(["epochs=5", "band_low=0.2", "timesteps=[50, 100]", "fcre_protocol=x0", "attention=false"])
+    assert overrides == {"epochs": 5, "band_low": 0.2, "timesteps": [50, 100], "fcre_protocol": "x0", "attention": False}
+
+
+def test_override_without_value_rejected():
+    with pytest.raises(ValueError, match="key=value"):
+        parse_overrides(["epochs"])

@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+import torch
+
+from conftest import synthetic_images
+from fcre_utils import models, training
+from fcre_utils.presets import resolve_params
+
+
+def small_images(n=8):
+    images = torch.from_numpy(synthetic_images(n, seed=2).astype(np.float32)).unsqueeze(1) / 127.5 - 1
+    return torch.nn.functional.pad(images, (2, 2, 2, 2), mode="replicate")
+
+
+def train(tmp_path, **overrides):
+    params = resolve_params("smoke", overrides)
+    unet = models.build_unet(params)
+    return training.train_ddpm(unet, models.build_scheduler(params), small_images(), params, tmp_path / "model")
+
+
+def test_loss_log_has_every_epoch(tmp_path):
+    _, log = train(tmp_path, epochs=3)
+    assert list(log.epoch) == [1, 2, 3]
+    assert np.isfinite(log.loss).all()
+    assert log.seconds.is_monotonic_increasing
+
+
+def test_loss_decreases(tmp_path):
+    _, log = train(tmp_path, epochs=40, learning_rate=2e-3)
+    assert log.loss.iloc[-5:].mean() < 0.7 * log.loss.iloc[:5].mean()
+
+
+def test_saved_weights_are_ema(tmp_path):
+    ema_model, _ = train(tmp_path, epochs=2)
+    saved, _ = models.load_model(tmp_path / "model")
+    for a, b in zip(ema_model.parameters(), saved.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_same_seed_same_weights(tmp_path):
+    first, _ = train(tmp_path / "a", epochs=2)
+    again, _ = train(tmp_path / "b", epochs=2)
+    for a, b in zip(first.parameters(), again.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_empty_member_set_rejected(tmp_path):
+    params = resolve_params("smoke")
+    with pytest.raises(ValueError, match="no member images"):
+        training.train_ddpm(models.build_unet(params), models.build_scheduler(params), torch.zeros(0, 1, 32, 32), params, tmp_path)
+
+
+def test_nan_images_rejected(tmp_path):
+    params = resolve_params("smoke")
+    images = small_images()
+    images[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        training.train_ddpm(models.build_unet(params), models.build_scheduler(params), images, params, tmp_path)
