@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ import torch
 log = logging.getLogger(__name__)
 
 DATA_DIR_VARIABLE = "FCRE_DATA_DIR"
+DEFAULT_DOWNLOAD_DIR = Path.home() / ".medmnist"  # the medmnist package's own default
 MEDMNIST_SIZES = (28, 64, 128, 224)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -76,7 +78,11 @@ def _official_name(name: str, size: int) -> str:
 
 
 def _download_medmnist(name: str, size: int, root: Path) -> Path:
-    """Download the official MedMNIST file through the medmnist package (MD5 checked)."""
+    """Download the official MedMNIST file named in the medmnist package's catalogue.
+
+    The address and MD5 checksum come from ``medmnist.INFO``. The package's own downloader
+    needs torchvision, which the pinned torch does not match, so the file is fetched here.
+    """
     try:
         import medmnist
     except ImportError as error:
@@ -91,11 +97,36 @@ def _download_medmnist(name: str, size: int, root: Path) -> Path:
     if info is None:
         raise KeyError(f"{name!r} is not a MedMNIST dataset; choose one of {sorted(medmnist.INFO)}")
 
-    root.mkdir(parents=True, exist_ok=True)
-    dataset_class = getattr(medmnist, info["python_class"])
+    suffix = "" if size == 28 else f"_{size}"
+    target = root / _official_name(name, size)
     log.info("downloading %s at %d px into %s", name, size, root)
-    dataset_class(split="train", download=True, size=size, root=str(root))
-    return root / _official_name(name, size)
+    return download_file(info[f"url{suffix}"], target, info[f"MD5{suffix}"])
+
+
+def download_file(url: str, target: Path, md5: str) -> Path:
+    """Download ``url`` to ``target`` through a temporary file, checking its MD5 checksum.
+
+    Raises:
+        FileNotFoundError: the download failed (offline, or the address is gone).
+        ValueError: the checksum does not match; nothing is kept.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    try:
+        urllib.request.urlretrieve(url, partial)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise FileNotFoundError(
+            f"download of {url} failed ({error}); without internet, set {DATA_DIR_VARIABLE} "
+            f"to a folder holding {target.name}"
+        ) from error
+
+    digest = hashlib.md5(partial.read_bytes()).hexdigest()
+    if digest != md5:
+        partial.unlink()
+        raise ValueError(f"download of {url} has MD5 {digest}, expected {md5}; the file was discarded, try again")
+    os.replace(partial, target)
+    return target
 
 
 def load_medmnist(
@@ -103,9 +134,9 @@ def load_medmnist(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Load every image of a MedMNIST 2-D dataset, duplicates removed.
 
-    Looks in the data directory (``data_dir``, else ``$FCRE_DATA_DIR``) for the offline union
-    file, then the official file; downloads the official file through medmnist when neither is
-    there and a download is possible.
+    Looks in the data directory (``data_dir``, else ``$FCRE_DATA_DIR``, else ``~/.medmnist``)
+    for the offline union file, then the official file; downloads the official file into that
+    directory when neither is there and the medmnist package is installed.
 
     Returns:
         images: uint8 array (N, size, size); labels: int array (N,).
@@ -113,17 +144,17 @@ def load_medmnist(
     if size not in MEDMNIST_SIZES:
         raise ValueError(f"MedMNIST size {size} is not available; choose one of {MEDMNIST_SIZES}")
 
-    root = find_data_dir(data_dir)
-    union = root / f"{name}_union_{size}.npz" if root else None
-    official = root / _official_name(name, size) if root else None
+    root = find_data_dir(data_dir) or DEFAULT_DOWNLOAD_DIR
+    union = root / f"{name}_union_{size}.npz"
+    official = root / _official_name(name, size)
 
-    if union is not None and union.is_file():
+    if union.is_file():
         images = load_npz_images(union, ("images",))
         labels = load_npz_images(union, ("labels",)).reshape(-1)
         source = union
     else:
-        if official is None or not official.is_file():
-            official = _download_medmnist(name, size, root or Path("data") / "medmnist")
+        if not official.is_file():
+            official = _download_medmnist(name, size, root)
         splits = ("train", "val", "test")
         images = load_npz_images(official, tuple(f"{s}_images" for s in splits))
         labels = load_npz_images(official, tuple(f"{s}_labels" for s in splits)).reshape(-1)

@@ -59,7 +59,8 @@ class Params:
     band_high: float = 0.85  # default FCRE band, high edge
     band_candidates: list[list[float]] = field(
         default_factory=lambda: [
-            [0.15, 0.85], [0.05, 0.5], [0.1, 0.6], [0.25, 0.75], [0.5, 1.0], [0.0, 1.5],
+            [0.15, 0.85], [0.05, 0.3], [0.05, 0.5], [0.1, 0.6], [0.25, 0.75], [0.5, 1.0],
+            [0.0, 0.5], [0.0, 1.5],
         ]
     )  # bands compared on the calibration split; [0, 1.5] keeps every frequency
     select_on_calibration: bool = True  # choose protocol, t and band on the calibration split

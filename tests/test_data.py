@@ -172,3 +172,24 @@ def test_real_pneumoniamnist():
     assert images.shape == (5827, 28, 28)
     assert images.dtype == np.uint8
     assert set(np.unique(labels)) == {0, 1}
+
+
+def test_download_checks_md5(tmp_path):
+    source = tmp_path / "source.npz"
+    np.savez(source, images=synthetic_images(2))
+    md5 = __import__("hashlib").md5(source.read_bytes()).hexdigest()
+    target = data.download_file(source.as_uri(), tmp_path / "out" / "file.npz", md5)
+    assert target.read_bytes() == source.read_bytes()
+
+
+def test_download_bad_md5_discarded(tmp_path):
+    source = tmp_path / "source.npz"
+    np.savez(source, images=synthetic_images(2))
+    with pytest.raises(ValueError, match="expected 0000"):
+        data.download_file(source.as_uri(), tmp_path / "file.npz", "0000")
+    assert list(tmp_path.iterdir()) == [source]
+
+
+def test_download_failure_names_variable(tmp_path):
+    with pytest.raises(FileNotFoundError, match="FCRE_DATA_DIR"):
+        data.download_file((tmp_path / "absent.npz").as_uri(), tmp_path / "file.npz", "0000")
