@@ -1,6 +1,6 @@
 """Frequency-Calibrated Reconstruction Error (FCRE) membership inference for diffusion models.
 
-The package holds the logic behind the notebooks in ``notebooks/``: data loading and splits
+The package contains the logic behind the notebooks in ``notebooks/``: data loading and splits
 (:mod:`fcre_utils.data`), DDPM building and training (:mod:`fcre_utils.models`,
 :mod:`fcre_utils.training`), DDIM inversion and reconstruction
 (:mod:`fcre_utils.reconstruction`), frequency bands (:mod:`fcre_utils.frequency`), membership

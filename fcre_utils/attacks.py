@@ -4,10 +4,11 @@ Every attack declares its cost as NFE, the number of network evaluations per ima
 
 - :class:`NaiveLossAttack`: the noise-prediction error at timestep t with fresh noise
   (Matsumoto et al. 2023), negated; NFE = draws.
-- :class:`FCREAttack`: Frequency-Calibrated Reconstruction Error (Zhao et al. 2025). Perturb the
-  image to t by DDIM inversion, reconstruct it (see :mod:`fcre_utils.reconstruction` for the
-  ``"x0"`` and ``"residual"`` protocols), keep the band ``[low, high)`` of both images and score
-  their similarity: SSIM, negative mean squared error (L2), or SSIM minus a weighted L2.
+- :class:`FCREAttack`: Frequency-Calibrated Reconstruction Error (Zhao et al. 2025). It perturbs
+  the image to t by DDIM inversion and reconstructs it, with the ``"x0"`` or ``"residual"``
+  protocol of :mod:`fcre_utils.reconstruction`. Then it keeps the band ``[low, high)`` of both
+  images and scores their similarity: SSIM, negative mean squared error (L2), or SSIM plus a
+  weighted negative L2.
 
 The scoring functions (:func:`fcre_scores`, :func:`ssim_scores`, :func:`l2_scores`) work on
 cached reconstructions as well, so settings can be compared without running the network again.

@@ -2,10 +2,10 @@
 
 Sources:
 
-- a MedMNIST 2-D dataset by name and resolution, read from a data directory (the offline union
-  file ``<name>_union_<size>.npz`` with ``images`` and ``labels``, or the official
-  ``<name>[_<size>].npz`` with ``train_images``, ``val_images``, ``test_images``), or downloaded
-  through the ``medmnist`` package, which checks the file's MD5 checksum;
+- a MedMNIST 2-D dataset by name and resolution. It is read from a data directory, either the
+  offline union file ``<name>_union_<size>.npz`` (``images``, ``labels``) or the official
+  ``<name>[_<size>].npz`` (``train_images``, ``val_images``, ``test_images``). Otherwise it is
+  downloaded from the address in the ``medmnist`` package's catalogue, checking its MD5 checksum;
 - any npz file with an ``images`` array;
 - a folder of PNG or JPEG files.
 
@@ -66,8 +66,8 @@ def load_npz_images(path: str | os.PathLike, keys: tuple[str, ...] = ("images",)
             arrays = [archive[key] for key in keys]
     except ValueError as error:
         raise ValueError(
-            f"cannot read {str(path)!r} as a plain npz file ({error}); files holding pickled "
-            "objects are refused, save the images as a numeric array with numpy.savez"
+            f"cannot read {str(path)!r} as a plain npz file ({error}); files containing pickled "
+            "objects are rejected, so save the images as a numeric array with numpy.savez"
         ) from error
 
     return np.concatenate(arrays, axis=0)
@@ -134,9 +134,9 @@ def load_medmnist(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Load every image of a MedMNIST 2-D dataset, duplicates removed.
 
-    Looks in the data directory (``data_dir``, else ``$FCRE_DATA_DIR``, else ``~/.medmnist``)
-    for the offline union file, then the official file; downloads the official file into that
-    directory when neither is there and the medmnist package is installed.
+    Look in the data directory (``data_dir``, else ``$FCRE_DATA_DIR``, else ``~/.medmnist``)
+    for the offline union file, then for the official file. When neither is there and the
+    medmnist package is installed, download the official file into that directory.
 
     Returns:
         images: uint8 array (N, size, size); labels: int array (N,).
@@ -213,7 +213,7 @@ def to_model_tensor(images: np.ndarray, image_size: int) -> torch.Tensor:
     """Convert 8-bit grayscale images to the model's input.
 
     Images smaller than ``image_size`` are padded by repeating their edge pixels (no
-    interpolation, so no pixel value changes); larger ones are refused.
+    interpolation, so no pixel value changes); larger ones raise ValueError.
 
     Args:
         images: uint8 array (N, H, W), H == W.

@@ -38,10 +38,10 @@ def roc(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray,
 
 
 def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
-    """Largest TPR on the curve whose FPR does not exceed ``target``.
+    """Return the largest TPR on the curve whose FPR does not exceed ``target``.
 
     Tied scores form one ROC point, so a tie is never split to reach the target. The curve
-    always holds (0, 0), so a curve with no other point at or below the target gives 0.
+    always contains (0, 0), so a curve with no other point at or below the target gives 0.
 
     >>> tpr_at_fpr(np.array([0.0, 0.005, 0.02, 1.0]), np.array([0.0, 0.4, 0.9, 1.0]), 0.01)
     0.4
@@ -76,7 +76,7 @@ def attack_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
 
 
 def metrics_table(scores: pd.DataFrame, split: str = "evaluation") -> pd.DataFrame:
-    """One row of :func:`attack_metrics` per attack, from a tidy score table.
+    """Compute one row of :func:`attack_metrics` per attack from a tidy score table.
 
     Args:
         scores: columns ``attack``, ``setting``, ``nfe``, ``member``, ``split``, ``score``.

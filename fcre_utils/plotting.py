@@ -35,7 +35,7 @@ def _as_image(x: torch.Tensor) -> np.ndarray:
 
 
 def image_grid(rows: dict[str, torch.Tensor], n: int = 8, symmetric: set[str] | None = None) -> plt.Figure:
-    """One row per entry of ``rows``: its first ``n`` images (N, 1, H, W).
+    """Draw one row per entry of ``rows``: its first ``n`` images (N, 1, H, W).
 
     Rows named in ``symmetric`` (errors, filtered images, noisy states) use a symmetric colour
     scale around 0; the others show [-1, 1] in grayscale.

@@ -46,7 +46,7 @@ def forward_noise(x0: torch.Tensor, t: int, alphas_cumprod: torch.Tensor, genera
 
 
 def ddim_move(x: torch.Tensor, eps: torch.Tensor, a_from: torch.Tensor, a_to: torch.Tensor) -> torch.Tensor:
-    """One deterministic DDIM update from cumulative alpha ``a_from`` to ``a_to``.
+    """Apply one deterministic DDIM update from cumulative alpha ``a_from`` to ``a_to``.
 
     1. predict x0 from the current state and the predicted noise;
     2. re-noise that prediction to ``a_to`` with the same noise.
@@ -126,7 +126,7 @@ class Reconstructions:
         return cls(**values)
 
     def select(self, rows) -> "Reconstructions":
-        """The reconstructions of the images ``rows`` (boolean mask or indices)."""
+        """Return the reconstructions of the images ``rows`` (boolean mask or indices)."""
         rows = torch.as_tensor(rows)
         pick = {name: {t: v[rows] for t, v in getattr(self, name).items()} for name in ("x_t", "x_t_roundtrip", "x0_recon")}
         return Reconstructions(x0=self.x0[rows], nfe=dict(self.nfe), **pick)
@@ -189,6 +189,6 @@ def reconstruct(
 
 
 def ddim_step(unet: UNet2DModel, x: torch.Tensor, t_from: int, t_to: int, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """One DDIM step from timestep ``t_from`` to ``t_to``, either direction (1 NFE)."""
+    """Take one DDIM step from timestep ``t_from`` to ``t_to``, in either direction (1 NFE)."""
     alphas = alphas_cumprod.to(x.device, x.dtype)
     return ddim_move(x, _eps(unet, x, t_from), alphas[t_from], alphas[t_to])

@@ -46,7 +46,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def list_notebooks(notebook_dir: str | os.PathLike = NOTEBOOK_DIR) -> list[Path]:
-    """The numbered notebooks of the series, in order."""
+    """Return the numbered notebooks of the series, in order."""
     notebooks = sorted(Path(notebook_dir).glob("[0-9][0-9]_*.ipynb"))
     if not notebooks:
         raise FileNotFoundError(f"no numbered notebooks (NN_name.ipynb) in {str(notebook_dir)!r}")
@@ -54,7 +54,7 @@ def list_notebooks(notebook_dir: str | os.PathLike = NOTEBOOK_DIR) -> list[Path]
 
 
 def prepare_run_dir(run_dir: str | os.PathLike | None, preset: str, root: str | os.PathLike = "outputs") -> Path:
-    """Return a new empty run directory; an existing non-empty one is refused."""
+    """Return a new empty run directory; an existing non-empty one raises FileExistsError."""
     if run_dir is None:
         return new_run_dir(root, prefix=preset)
 
@@ -86,7 +86,7 @@ def run_series(
 
     Raises:
         KeyError, TypeError: unknown preset or parameter, or a value of the wrong type.
-        RunFailed: a notebook raised; its executed copy holds the error.
+        RunFailed: a notebook raised an error, which its executed copy shows.
     """
     overrides = dict(overrides or {})
     resolve_params(preset, overrides)
@@ -125,7 +125,7 @@ def _write_timings(run_dir: Path, timings: list[dict[str, Any]]) -> None:
 
 
 def metrics_summary(run_dir: str | os.PathLike) -> str:
-    """The run's metrics table as text, or a note when the series stopped before notebook 04."""
+    """Format the run's metrics table as text, or a note when the series stopped before notebook 04."""
     path = Path(run_dir) / "metrics.csv"
     if not path.is_file():
         return f"no metrics.csv in {run_dir}"

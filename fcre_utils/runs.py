@@ -101,7 +101,7 @@ def start_run(run_dir: str | os.PathLike, preset: str, overrides: dict[str, Any]
     Writes ``params.yaml`` and ``environment.yaml``.
 
     Raises:
-        FileExistsError: the run directory already holds ``params.yaml`` from another run.
+        FileExistsError: the run directory already contains ``params.yaml`` from another run.
     """
     params = resolve_params(preset, overrides)
     run_dir = Path(run_dir)
@@ -109,7 +109,7 @@ def start_run(run_dir: str | os.PathLike, preset: str, overrides: dict[str, Any]
 
     if (run_dir / "params.yaml").exists():
         raise FileExistsError(
-            f"run directory {str(run_dir)!r} already holds a run (params.yaml); choose a new "
+            f"run directory {str(run_dir)!r} already contains a run (params.yaml); choose a new "
             "run_dir, or open the existing run with notebooks 02-04"
         )
     atomic_write_text(run_dir / "params.yaml", yaml.safe_dump({"preset": preset, **params_to_dict(params)}, sort_keys=False))
@@ -204,7 +204,10 @@ def cached_reconstructions(run_dir: str | os.PathLike, params: Params, unet, alp
     if path.is_file():
         recon = Reconstructions.from_dict(load_tensors(path))
         if len(recon.x0) != len(images):
-            raise ValueError(f"{str(path)!r} holds {len(recon.x0)} images, the manifest {len(images)}; start a new run")
+            raise ValueError(
+                f"{str(path)!r} contains {len(recon.x0)} images but the manifest lists {len(images)}; "
+                "start a new run directory"
+            )
         log.info("loaded cached reconstructions from %s", path)
         return recon
 

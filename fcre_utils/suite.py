@@ -2,8 +2,9 @@
 
 FCRE has settings an attacker would tune: the protocol (``"x0"`` or ``"residual"``), the
 timestep t and the band. :func:`select_fcre_settings` measures every combination on the
-calibration split only, from cached reconstructions, and keeps the best per metric (highest
-AUC, then highest TPR at 1% FPR); the evaluation split is scored once with that choice.
+calibration split only, from cached reconstructions. It keeps the best per metric (highest AUC,
+then highest TPR at 1% FPR, then fewest NFE), and the evaluation split is scored once with that
+choice.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 def protocol_pair(recon: Reconstructions, protocol: str, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two tensors a protocol compares at timestep t: (original, reconstruction)."""
+    """Return the two tensors a protocol compares at timestep t: (original, reconstruction)."""
     if protocol == "x0":
         return recon.x0, recon.x0_recon[t]
     if protocol == "residual":
@@ -66,7 +67,7 @@ def select_fcre_settings(recon: Reconstructions, manifest: pd.DataFrame, bands: 
         metrics (auc, asr, tpr_at_1pct_fpr, tpr_at_0_1pct_fpr) and ``selected`` (the best row of
         each metric).
     """
-    calibration = (manifest.split == "calibration").to_numpy()
+    calibration = manifest.split.to_numpy() == "calibration"
     labels = manifest.member.to_numpy()[calibration]
     if labels.all() or not labels.any():
         raise ValueError("the calibration split needs members and non-members; raise calibration_fraction")
@@ -90,7 +91,7 @@ def select_fcre_settings(recon: Reconstructions, manifest: pd.DataFrame, bands: 
 
 
 def fixed_fcre_settings(protocol: str, t: int, band: tuple[float, float], stride: int) -> pd.DataFrame:
-    """The same table shape as :func:`select_fcre_settings` for one setting chosen by hand."""
+    """Build the table of :func:`select_fcre_settings` for one setting chosen by hand."""
     rows = [{"protocol": protocol, "t": t, "low": band[0], "high": band[1], "metric": metric,
              "l2_weight": np.nan, "nfe": protocol_nfe(protocol, t, stride), "selected": True} for metric in FCRE_METRICS]
     return pd.DataFrame(rows)
@@ -102,7 +103,7 @@ def fcre_scores_table(recon: Reconstructions, manifest: pd.DataFrame, settings: 
     Returns:
         A tidy score table: image_id, member, split, attack, setting, nfe, score.
     """
-    calibration = (manifest.split == "calibration").to_numpy()
+    calibration = manifest.split.to_numpy() == "calibration"
     tables = []
     for row in settings[settings.selected].itertuples():
         original, reconstruction = protocol_pair(recon, row.protocol, row.t)

@@ -130,10 +130,10 @@ def test_unsupported_size_rejected():
         data.load_medmnist("pneumoniamnist", 32)
 
 
-def test_pickled_npz_refused(tmp_path):
+def test_pickled_npz_rejected(tmp_path):
     path = tmp_path / "objects.npz"
     np.savez(path, images=np.array([{"a": 1}], dtype=object))
-    with pytest.raises(ValueError, match="pickled objects are refused"):
+    with pytest.raises(ValueError, match="pickled objects are rejected"):
         data.load_npz_images(path)
 
 

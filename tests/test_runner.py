@@ -78,7 +78,7 @@ def test_parameters_injected(smoke_run):
     assert "smoke" in injected[0].source
 
 
-def test_existing_run_dir_refused(smoke_run):
+def test_existing_run_dir_rejected(smoke_run):
     run_dir, _ = smoke_run
     before = sorted(p.name for p in run_dir.iterdir())
     result = run_cli("--preset", "smoke", "--run-dir", str(run_dir))
@@ -94,13 +94,13 @@ def test_unknown_parameter_refused_before_running(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_unknown_preset_refused(tmp_path):
+def test_unknown_preset_rejected(tmp_path):
     result = run_cli("--preset", "huge", "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 2
     assert "unknown preset 'huge'" in result.stderr
 
 
-def test_wrong_type_refused(tmp_path):
+def test_wrong_type_rejected(tmp_path):
     result = run_cli("--preset", "smoke", "--set", "epochs=many", "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 2
     assert "parameter 'epochs' must be of type int" in result.stderr
