@@ -39,7 +39,7 @@ def test_selection_covers_grid():
 def test_selection_uses_calibration_only():
     recon, manifest = fake_reconstructions()
     before = suite.select_fcre_settings(recon, manifest, BANDS, stride=10)
-    evaluation = torch.from_numpy((manifest.split == "evaluation").to_numpy())
+    evaluation = torch.from_numpy(manifest.split.to_numpy() == "evaluation")
     for t in recon.x0_recon:
         recon.x0_recon[t][evaluation] = torch.randn_like(recon.x0_recon[t][evaluation])
         recon.x_t_roundtrip[t][evaluation] = torch.randn_like(recon.x_t_roundtrip[t][evaluation])
