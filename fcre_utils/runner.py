@@ -117,6 +117,7 @@ def run_series(
             timings.append({"notebook": notebook.name, "seconds": round(time.perf_counter() - start, 1)})
             _write_timings(run_dir, timings)
 
+    write_summary(run_dir)
     return run_dir
 
 
@@ -132,3 +133,34 @@ def metrics_summary(run_dir: str | os.PathLike) -> str:
     table = pd.read_csv(path)
     columns = ["attack", "setting", "nfe", "auc", "asr", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "n_members", "n_nonmembers"]
     return table[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}")
+
+
+SUMMARY_FIGURES = ("04_roc", "03_error_by_ring", "04_score_histograms", "01_samples")
+
+
+def write_summary(run_dir: str | os.PathLike) -> Path:
+    """Write ``summary.md``: the metrics table, the chosen FCRE settings, wall times and figures."""
+    run_dir = Path(run_dir)
+    params = yaml.safe_load((run_dir / "params.yaml").read_text()) if (run_dir / "params.yaml").is_file() else {}
+    lines = [f"# Run {run_dir.name}", "", f"Preset: `{params.get('preset', 'unknown')}`.", ""]
+
+    if (run_dir / "metrics.csv").is_file():
+        metrics = pd.read_csv(run_dir / "metrics.csv")
+        lines += ["## Metrics on the evaluation split", "", metrics.to_markdown(index=False, floatfmt=".3f"), ""]
+    if (run_dir / "fcre_selection.csv").is_file():
+        selection = pd.read_csv(run_dir / "fcre_selection.csv")
+        if "auc" in selection:
+            columns = ["protocol", "metric", "t", "low", "high", "nfe", "auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "selected"]
+            ranked = selection.sort_values(["auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "nfe"], ascending=[False, False, False, True])
+            best = ranked.groupby(["protocol", "metric"], sort=False).head(1)[columns]
+            lines += ["## Best FCRE setting per protocol and metric, on the calibration split", "",
+                      best.to_markdown(index=False, floatfmt=".3f"), ""]
+    if (run_dir / "notebook_times.csv").is_file():
+        times = pd.read_csv(run_dir / "notebook_times.csv")
+        total = times.seconds.sum()
+        lines += ["## Wall time", "", times.to_markdown(index=False, floatfmt=".1f"), "", f"Total: {total / 60:.1f} min.", ""]
+
+    figures = [name for name in SUMMARY_FIGURES if (run_dir / "figures" / f"{name}.png").is_file()]
+    if figures:
+        lines += ["## Figures", ""] + [f"![{name}](figures/{name}.png)" for name in figures] + [""]
+    return atomic_write_text(run_dir / "summary.md", "\n".join(lines), overwrite=True)
