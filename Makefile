@@ -6,17 +6,19 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PRESET ?= quick
 
-$(BIN)/fcre: pyproject.toml
+STAMP := $(VENV)/.installed
+
+$(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[test]"
 	# medmnist only supplies download addresses and checksums; its declared torchvision
 	# dependency does not match the pinned torch, so it is installed without dependencies.
 	$(BIN)/pip install --quiet --no-deps medmnist==3.0.2
-	touch $(BIN)/fcre
+	touch $(STAMP)
 
 .PHONY: install run test
-install: $(BIN)/fcre
+install: $(STAMP)
 
 run: install
 	$(BIN)/python -m fcre_utils run --preset $(PRESET)

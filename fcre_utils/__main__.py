@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("papermill").setLevel(logging.WARNING)
 
     try:
         overrides = parse_overrides(args.overrides)
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     print(f"run directory: {run_dir}")
+    print(f"summary: {run_dir / 'summary.md'}")
     print(metrics_summary(run_dir))
     return 0
 

@@ -129,17 +129,12 @@ def download_file(url: str, target: Path, md5: str) -> Path:
     return target
 
 
-def load_medmnist(
-    name: str = "pneumoniamnist", size: int = 28, data_dir: str | os.PathLike | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Load every image of a MedMNIST 2-D dataset, duplicates removed.
+def locate_medmnist(name: str = "pneumoniamnist", size: int = 28, data_dir: str | os.PathLike | None = None) -> Path:
+    """Find, or download, the npz file of a MedMNIST 2-D dataset and return its path.
 
     Look in the data directory (``data_dir``, else ``$FCRE_DATA_DIR``, else ``~/.medmnist``)
     for the offline union file, then for the official file. When neither is there and the
     medmnist package is installed, download the official file into that directory.
-
-    Returns:
-        images: uint8 array (N, size, size); labels: int array (N,).
     """
     if size not in MEDMNIST_SIZES:
         raise ValueError(f"MedMNIST size {size} is not available; choose one of {MEDMNIST_SIZES}")
@@ -147,22 +142,45 @@ def load_medmnist(
     root = find_data_dir(data_dir) or DEFAULT_DOWNLOAD_DIR
     union = root / f"{name}_union_{size}.npz"
     official = root / _official_name(name, size)
-
     if union.is_file():
-        images = load_npz_images(union, ("images",))
-        labels = load_npz_images(union, ("labels",)).reshape(-1)
-        source = union
+        return union
+    if official.is_file():
+        return official
+    return _download_medmnist(name, size, root)
+
+
+def load_medmnist(
+    name: str = "pneumoniamnist", size: int = 28, data_dir: str | os.PathLike | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Load every image of a MedMNIST 2-D dataset, duplicates removed.
+
+    The file is found as :func:`locate_medmnist` describes. The official file's train, val and
+    test parts are concatenated in that order.
+
+    Returns:
+        images: uint8 array (N, size, size); labels: int array (N,).
+    """
+    source = locate_medmnist(name, size, data_dir)
+    if source.name.startswith(f"{name}_union_"):
+        images = load_npz_images(source, ("images",))
+        labels = load_npz_images(source, ("labels",)).reshape(-1)
     else:
-        if not official.is_file():
-            official = _download_medmnist(name, size, root)
         splits = ("train", "val", "test")
-        images = load_npz_images(official, tuple(f"{s}_images" for s in splits))
-        labels = load_npz_images(official, tuple(f"{s}_labels" for s in splits)).reshape(-1)
-        source = official
+        images = load_npz_images(source, tuple(f"{s}_images" for s in splits))
+        labels = load_npz_images(source, tuple(f"{s}_labels" for s in splits)).reshape(-1)
 
     images, labels = drop_duplicates(images, labels)
     log.info("loaded %d unique images of %s px from %s", len(images), images.shape[1:], source)
     return images, labels
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Return the SHA-256 hex digest of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def drop_duplicates(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -251,6 +269,9 @@ def make_splits(
 ) -> pd.DataFrame:
     """Draw disjoint member and non-member sets and split each into calibration and evaluation.
 
+    The draw is a seeded ranking of the content hashes, so it does not depend on the order of
+    the images.
+
     Args:
         hashes: content hash of each available image, shape (N,), all distinct.
         n_members, n_nonmembers: sizes of the two sets; together at most N.
@@ -276,7 +297,11 @@ def make_splits(
     if len(set(hashes)) != n_total:
         raise ValueError("the images contain duplicates; remove them before splitting")
 
-    order = np.random.default_rng(seed).permutation(n_total)
+    # Rank images by a seeded hash of their content: the draw then depends only on the images and
+    # the seed, not on their order in the file, so the offline union file and the official file
+    # put a shared image on the same side.
+    keys = [hashlib.sha256(f"{seed}:{digest}".encode()).hexdigest() for digest in hashes]
+    order = np.argsort(keys, kind="stable")
     rows = []
     for is_member, ids in ((True, order[:n_members]), (False, order[n_members : n_members + n_nonmembers])):
         n_calibration = int(round(calibration_fraction * len(ids)))

@@ -74,6 +74,8 @@ class Params:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
+    # NOTE: the paper preset has not been run end to end yet; its model size, training length
+    # and learning rate are estimates for a single modern GPU, not measured settings.
     "paper": {},
     "quick": {
         "source_size": 28,
@@ -171,7 +173,50 @@ def resolve_params(preset: str, overrides: dict[str, Any] | None = None) -> Para
         values[name] = value
 
     checked = {name: _check_type(name, value, types[name]) for name, value in values.items()}
-    return Params(**checked)
+    params = Params(**checked)
+    check_values(params)
+    return params
+
+
+def check_values(params: Params) -> None:
+    """Raise ValueError for values that have the right type but cannot work together.
+
+    Runs before any notebook, so a bad combination fails in seconds rather than after training.
+    """
+    problems = []
+    for name in ("n_members", "n_nonmembers", "epochs", "batch_size", "checkpoint_every", "ddim_stride",
+                 "score_batch_size", "naive_draws", "n_samples", "sample_steps", "num_train_timesteps"):
+        if getattr(params, name) < 1:
+            problems.append(f"{name}={getattr(params, name)} must be at least 1")
+    if not 0.0 <= params.calibration_fraction < 1.0:
+        problems.append(f"calibration_fraction={params.calibration_fraction} must be in [0, 1)")
+    if params.image_size < params.source_size and not params.dataset.endswith(".npz"):
+        problems.append(f"image_size={params.image_size} is smaller than source_size={params.source_size}")
+
+    steps = params.num_train_timesteps
+    if not params.timesteps:
+        problems.append("timesteps is empty; give at least one candidate t")
+    for t in params.timesteps if params.ddim_stride >= 1 else []:
+        if t < params.ddim_stride or t % params.ddim_stride or t >= steps:
+            problems.append(f"timestep {t} in timesteps must be a positive multiple of ddim_stride={params.ddim_stride} below {steps}")
+    if not params.select_on_calibration and params.fcre_t not in params.timesteps:
+        problems.append(f"fcre_t={params.fcre_t} must be one of timesteps={params.timesteps} when select_on_calibration is false")
+    if not 0 <= params.naive_t < steps:
+        problems.append(f"naive_t={params.naive_t} must be in [0, {steps})")
+
+    bands = [[params.band_low, params.band_high], *params.band_candidates]
+    for band in bands:
+        if len(band) != 2 or not 0.0 <= band[0] < band[1]:
+            problems.append(f"band {band} must be [low, high] with 0 <= low < high (normalised radius)")
+    if params.fcre_protocol not in ("x0", "residual"):
+        problems.append(f"fcre_protocol={params.fcre_protocol!r} must be 'x0' or 'residual'")
+    if params.mixed_precision not in ("no", "fp16", "bf16"):
+        problems.append(f"mixed_precision={params.mixed_precision!r} must be 'no', 'fp16' or 'bf16'")
+    if not 0.0 < params.ema_decay < 1.0:
+        problems.append(f"ema_decay={params.ema_decay} must be in (0, 1)")
+
+    if problems:
+        raise ValueError("invalid parameters: " + "; ".join(problems))
 
 
 def params_to_dict(params: Params) -> dict[str, Any]:

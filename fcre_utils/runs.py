@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 import yaml
 
-from .data import check_manifest, content_hashes, load_medmnist, load_npz_images, make_splits, to_model_tensor
+from .data import check_manifest, content_hashes, file_sha256, load_medmnist, load_npz_images, locate_medmnist, make_splits, to_model_tensor
 from .presets import Params, params_from_dict, params_to_dict, resolve_params
 from .reconstruction import Reconstructions, reconstruct
 
@@ -175,10 +175,27 @@ def load_source_images(params: Params) -> np.ndarray:
     return images
 
 
+def source_file(params: Params) -> Path:
+    """Return the npz file the run's images come from (downloading it if needed)."""
+    if params.dataset.endswith(".npz"):
+        path = Path(params.dataset).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"dataset file {str(path)!r} not found; set dataset to an existing npz file")
+        return path
+    return locate_medmnist(params.dataset, params.source_size, params.data_dir or None)
+
+
 def create_manifest(run_dir: str | os.PathLike, params: Params) -> pd.DataFrame:
-    """Draw the member / non-member / calibration split and write ``manifest.csv``."""
+    """Draw the member / non-member / calibration split and write ``manifest.csv``.
+
+    Also writes ``data_source.yaml``: the data file's path, its SHA-256 and the image count.
+    """
+    source = source_file(params)
     images = load_source_images(params)
     manifest = make_splits(content_hashes(images), params.n_members, params.n_nonmembers, params.calibration_fraction, params.seed)
+
+    record = {"path": str(source.resolve()), "sha256": file_sha256(source), "unique_images": len(images)}
+    atomic_write_text(Path(run_dir) / "data_source.yaml", yaml.safe_dump(record, sort_keys=False))
     write_table(manifest, Path(run_dir) / "manifest.csv")
     return manifest
 

@@ -193,3 +193,12 @@ def test_download_bad_md5_discarded(tmp_path):
 def test_download_failure_names_variable(tmp_path):
     with pytest.raises(FileNotFoundError, match="FCRE_DATA_DIR"):
         data.download_file((tmp_path / "absent.npz").as_uri(), tmp_path / "file.npz", "0000")
+
+
+def test_splits_ignore_file_order():
+    hashes = data.content_hashes(synthetic_images(50))
+    shuffled = hashes[np.random.default_rng(1).permutation(50)]
+    first = data.make_splits(hashes, 10, 30, 0.2, seed=3)
+    again = data.make_splits(shuffled, 10, 30, 0.2, seed=3)
+    assert set(first.sha256[first.member]) == set(again.sha256[again.member])
+    assert set(first.sha256[~first.member]) == set(again.sha256[~again.member])

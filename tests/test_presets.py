@@ -9,9 +9,9 @@ def test_every_preset_resolves():
 
 
 def test_override_replaces_value():
-    params = resolve_params("smoke", {"epochs": 7, "timesteps": [10, 30]})
+    params = resolve_params("smoke", {"epochs": 7, "timesteps": [20, 60]})
     assert params.epochs == 7
-    assert params.timesteps == [10, 30]
+    assert params.timesteps == [20, 60]
 
 
 def test_int_accepted_for_float():
@@ -49,3 +49,27 @@ def test_quick_preset_sizes():
     n_eval_nonmembers = params.n_nonmembers - round(params.calibration_fraction * params.n_nonmembers)
     assert n_eval_nonmembers >= 1000
     assert params.dataset == "pneumoniamnist"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"ddim_stride": 30}, "timestep 20 in timesteps must be a positive multiple of ddim_stride=30"),
+        ({"timesteps": []}, "timesteps is empty"),
+        ({"timesteps": [1000]}, "timestep 1000"),
+        ({"band_candidates": [[0.9, 0.1]]}, r"band \[0.9, 0.1\]"),
+        ({"band_low": 0.5, "band_high": 0.5}, r"band \[0.5, 0.5\]"),
+        ({"calibration_fraction": 1.5}, "calibration_fraction=1.5"),
+        ({"n_members": 0}, "n_members=0"),
+        ({"ddim_stride": 0}, "ddim_stride=0"),
+        ({"fcre_protocol": "both"}, "fcre_protocol='both'"),
+        ({"mixed_precision": "fp8"}, "mixed_precision='fp8'"),
+        ({"select_on_calibration": False, "fcre_t": 30}, "fcre_t=30"),
+        ({"naive_t": 1000}, "naive_t=1000"),
+        ({"ema_decay": 1.0}, "ema_decay=1.0"),
+        ({"image_size": 16}, "image_size=16"),
+    ],
+)
+def test_invalid_combination_rejected(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_params("smoke", overrides)

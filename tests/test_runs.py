@@ -87,3 +87,18 @@ def test_rows_mask(run):
     mask = runs.rows(manifest, member=True, split="calibration")
     assert mask.dtype == torch.bool
     assert int(mask.sum()) == int((manifest.member & (manifest.split == "calibration")).sum())
+
+
+def test_data_source_recorded(run, npz_dataset):
+    run_dir, params = run
+    runs.create_manifest(run_dir, params)
+    record = yaml.safe_load((run_dir / "data_source.yaml").read_text())
+    assert record["path"] == str(npz_dataset.resolve())
+    assert record["sha256"] == __import__("hashlib").sha256(npz_dataset.read_bytes()).hexdigest()
+    assert record["unique_images"] == 80
+
+
+def test_missing_dataset_file_named(tmp_path):
+    params = resolve_params("smoke", {"dataset": str(tmp_path / "absent.npz")})
+    with pytest.raises(FileNotFoundError, match="absent.npz"):
+        runs.source_file(params)
