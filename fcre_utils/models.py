@@ -21,11 +21,13 @@ log = logging.getLogger(__name__)
 
 
 def build_unet(params: Params, in_channels: int = 1) -> UNet2DModel:
-    """Return a randomly initialised UNet2DModel for ``params.image_size`` square images.
+    """Build a UNet2DModel for ``params.image_size`` square images, seeded by ``params.seed``.
 
     Every level but the lowest uses plain ResNet blocks; the lowest adds self-attention when
-    ``params.attention`` is set.
+    ``params.attention`` is set. The initial weights depend only on the parameters, so the same
+    seed gives the same network.
     """
+    torch.manual_seed(params.seed)
     levels = len(params.block_out_channels)
     down = ["DownBlock2D"] * levels
     up = ["UpBlock2D"] * levels

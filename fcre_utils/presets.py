@@ -73,6 +73,8 @@ class Params:
     progress: bool = True  # show tqdm progress bars
 
 
+MAX_RADIUS = 2**0.5  # normalised radius of the spectrum's corners; a band starting there is empty
+
 PRESETS: dict[str, dict[str, Any]] = {
     # NOTE: the paper preset has not been run end to end yet; its model size, training length
     # and learning rate are estimates for a single modern GPU, not measured settings.
@@ -139,6 +141,11 @@ def _check_type(name: str, value: Any, expected: Any) -> Any:
     elif expected is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
+            except ValueError:
+                pass
     elif expected is str:
         if isinstance(value, str):
             return value
@@ -190,6 +197,27 @@ def check_values(params: Params) -> None:
             problems.append(f"{name}={getattr(params, name)} must be at least 1")
     if not 0.0 <= params.calibration_fraction < 1.0:
         problems.append(f"calibration_fraction={params.calibration_fraction} must be in [0, 1)")
+    for name in ("n_members", "n_nonmembers"):
+        size = getattr(params, name)
+        n_calibration = int(round(params.calibration_fraction * size))
+        if n_calibration < 1 or n_calibration >= size:
+            problems.append(
+                f"calibration_fraction={params.calibration_fraction} gives {n_calibration} of {name}={size} images "
+                "to the calibration split; both splits need at least one, so change either value"
+            )
+    if params.seed < 0:
+        problems.append(f"seed={params.seed} must be at least 0")
+    if params.layers_per_block < 1:
+        problems.append(f"layers_per_block={params.layers_per_block} must be at least 1")
+    channels = params.block_out_channels
+    if not channels or min(channels) < 1:
+        problems.append(f"block_out_channels={channels} must list at least one positive channel count")
+    elif any(c % min(8, min(channels)) for c in channels):
+        problems.append(f"block_out_channels={channels} must all be multiples of {min(8, min(channels))} (the GroupNorm groups)")
+    if not 0.0 < params.beta_start < params.beta_end < 1.0:
+        problems.append(f"beta_start={params.beta_start} and beta_end={params.beta_end} must satisfy 0 < beta_start < beta_end < 1")
+    if not params.dataset.endswith(".npz") and ("/" in params.dataset or "." in params.dataset):
+        problems.append(f"dataset={params.dataset!r} must be a MedMNIST name such as 'pneumoniamnist' or a path to an .npz file")
     if params.image_size < params.source_size and not params.dataset.endswith(".npz"):
         problems.append(f"image_size={params.image_size} is smaller than source_size={params.source_size}")
 
@@ -204,10 +232,12 @@ def check_values(params: Params) -> None:
     if not 0 <= params.naive_t < steps:
         problems.append(f"naive_t={params.naive_t} must be in [0, {steps})")
 
+    if params.select_on_calibration and not params.band_candidates:
+        problems.append("band_candidates is empty; give at least one [low, high] band")
     bands = [[params.band_low, params.band_high], *params.band_candidates]
     for band in bands:
-        if len(band) != 2 or not 0.0 <= band[0] < band[1]:
-            problems.append(f"band {band} must be [low, high] with 0 <= low < high (normalised radius)")
+        if len(band) != 2 or not 0.0 <= band[0] < band[1] or band[0] >= MAX_RADIUS:
+            problems.append(f"band {band} must be [low, high] with 0 <= low < high and low < {MAX_RADIUS:.4f} (normalised radius)")
     if params.fcre_protocol not in ("x0", "residual"):
         problems.append(f"fcre_protocol={params.fcre_protocol!r} must be 'x0' or 'residual'")
     if params.mixed_precision not in ("no", "fp16", "bf16"):

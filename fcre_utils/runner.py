@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,8 @@ import pandas as pd
 import papermill
 import yaml
 
-from .presets import resolve_params
+from .data import DATA_DIR_VARIABLE
+from .presets import Params, resolve_params
 from .runs import atomic_write_text, new_run_dir
 
 log = logging.getLogger(__name__)
@@ -34,14 +36,33 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """Turn ``["key=value", ...]`` into a dict, reading each value as YAML (typed).
 
     ``epochs=5`` gives an int, ``band_low=0.2`` a float, ``timesteps=[50,100]`` a list and
-    ``fcre_protocol=x0`` a string.
+    ``fcre_protocol=x0`` a string. The text of a string-typed parameter is kept as written, so
+    ``mixed_precision=no`` stays ``"no"`` rather than becoming YAML's false.
     """
+    types = typing.get_type_hints(Params)
     overrides = {}
     for pair in pairs:
         key, separator, text = pair.partition("=")
+        key = key.strip()
         if not separator or not key:
             raise ValueError(f"override {pair!r} must have the form key=value")
-        overrides[key.strip()] = yaml.safe_load(text)
+        overrides[key] = text.strip() if types.get(key) is str else yaml.safe_load(text)
+    return overrides
+
+
+def absolute_paths(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Make data paths absolute against the current folder, because notebooks run elsewhere.
+
+    Applies to the ``dataset`` (when it is an npz path) and ``data_dir`` overrides, and to the
+    ``FCRE_DATA_DIR`` environment variable that the notebook kernels inherit.
+    """
+    dataset = overrides.get("dataset")
+    if isinstance(dataset, str) and dataset.endswith(".npz"):
+        overrides["dataset"] = str(Path(dataset).expanduser().resolve())
+    if isinstance(overrides.get("data_dir"), str) and overrides["data_dir"]:
+        overrides["data_dir"] = str(Path(overrides["data_dir"]).expanduser().resolve())
+    if os.environ.get(DATA_DIR_VARIABLE):
+        os.environ[DATA_DIR_VARIABLE] = str(Path(os.environ[DATA_DIR_VARIABLE]).expanduser().resolve())
     return overrides
 
 
@@ -88,7 +109,7 @@ def run_series(
         KeyError, TypeError: unknown preset or parameter, or a value of the wrong type.
         RunFailed: a notebook raised an error, which its executed copy shows.
     """
-    overrides = dict(overrides or {})
+    overrides = absolute_paths(dict(overrides or {}))
     resolve_params(preset, overrides)
     notebooks = list_notebooks(notebook_dir)
     if only:

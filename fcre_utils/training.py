@@ -7,6 +7,7 @@ processes. The EMA weights are what gets saved and attacked.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -89,6 +90,11 @@ def train_ddpm(
             count += x0.shape[0]
 
         mean_loss = accelerator.gather_for_metrics(torch.tensor([total / count], device=accelerator.device)).mean().item()
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(
+                f"training loss is {mean_loss} at epoch {epoch} (learning_rate={params.learning_rate}); "
+                "lower learning_rate and start a new run, the last saved checkpoint is kept"
+            )
         log_rows.append({"epoch": epoch, "loss": mean_loss, "seconds": time.perf_counter() - start})
         bar.set_postfix(loss=f"{mean_loss:.4f}")
 

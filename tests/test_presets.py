@@ -73,3 +73,27 @@ def test_quick_preset_sizes():
 def test_invalid_combination_rejected(overrides, message):
     with pytest.raises(ValueError, match=message):
         resolve_params("smoke", overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"calibration_fraction": 0.0}, "gives 0 of n_members=24"),
+        ({"band_candidates": []}, "band_candidates is empty"),
+        ({"band_candidates": [[1.45, 2.0]]}, r"band \[1.45, 2.0\]"),
+        ({"seed": -1}, "seed=-1"),
+        ({"block_out_channels": []}, "block_out_channels=\\[\\]"),
+        ({"block_out_channels": [8, 12]}, "multiples of 8"),
+        ({"layers_per_block": 0}, "layers_per_block=0"),
+        ({"beta_end": 2.0}, "beta_end=2.0"),
+        ({"beta_start": 0.03}, "beta_start=0.03"),
+        ({"dataset": "images.npy"}, "path to an .npz file"),
+    ],
+)
+def test_more_combinations_rejected(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_params("smoke", overrides)
+
+
+def test_float_text_accepted():
+    assert resolve_params("smoke", {"learning_rate": "1e-3"}).learning_rate == 0.001

@@ -123,3 +123,22 @@ def test_overrides_typed():
 def test_override_without_value_rejected():
     with pytest.raises(ValueError, match="key=value"):
         parse_overrides(["epochs"])
+
+
+def test_overrides_keep_string_text():
+    overrides = parse_overrides(["mixed_precision=no", "learning_rate=1e-3"])
+    assert overrides["mixed_precision"] == "no"
+    from fcre_utils.presets import resolve_params
+    params = resolve_params("smoke", overrides)
+    assert params.learning_rate == 0.001
+    assert params.mixed_precision == "no"
+
+
+def test_relative_paths_made_absolute(tmp_path, monkeypatch):
+    from fcre_utils.runner import absolute_paths
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FCRE_DATA_DIR", "data")
+    overrides = absolute_paths({"dataset": "images.npz", "data_dir": "folder"})
+    assert overrides["dataset"] == str(tmp_path / "images.npz")
+    assert overrides["data_dir"] == str(tmp_path / "folder")
+    assert __import__("os").environ["FCRE_DATA_DIR"] == str(tmp_path / "data")

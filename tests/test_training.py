@@ -56,3 +56,17 @@ def test_nan_images_rejected(tmp_path):
     images[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         training.train_ddpm(models.build_unet(params), models.build_scheduler(params), images, params, tmp_path)
+
+
+def test_diverging_loss_stops_training(tmp_path):
+    with pytest.raises(FloatingPointError, match="lower learning_rate"):
+        train(tmp_path, epochs=5, learning_rate=1e6)
+
+
+def test_same_seed_same_initial_weights():
+    params = resolve_params("smoke")
+    first = models.build_unet(params)
+    torch.randn(100)
+    again = models.build_unet(params)
+    for a, b in zip(first.parameters(), again.parameters()):
+        torch.testing.assert_close(a, b)
