@@ -8,12 +8,12 @@ PRESET ?= quick
 
 STAMP := $(VENV)/.installed
 
+# medmnist only supplies download addresses and checksums. Its declared torchvision dependency
+# does not match the pinned torch, so it is installed without dependencies.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[test]"
-	# medmnist only supplies download addresses and checksums; its declared torchvision
-	# dependency does not match the pinned torch, so it is installed without dependencies.
 	$(BIN)/pip install --quiet --no-deps medmnist==3.0.2
 	touch $(STAMP)
 

@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -61,9 +62,14 @@ def load_npz_images(path: str | os.PathLike, keys: tuple[str, ...] = ("images",)
             if missing:
                 raise KeyError(
                     f"{str(path)!r} has no array {missing[0]!r} (arrays: {archive.files}); "
-                    f"save the images under the name {keys[0]!r}"
+                    f"expected the arrays {list(keys)}"
                 )
             arrays = [archive[key] for key in keys]
+    except (zipfile.BadZipFile, EOFError, OSError) as error:
+        raise ValueError(
+            f"cannot read {str(path)!r}: the file is truncated or not an npz file ({error}); "
+            "download or save it again"
+        ) from error
     except ValueError as error:
         raise ValueError(
             f"cannot read {str(path)!r} as a plain npz file ({error}); files containing pickled "
@@ -117,8 +123,9 @@ def download_file(url: str, target: Path, md5: str) -> Path:
     except OSError as error:
         partial.unlink(missing_ok=True)
         raise FileNotFoundError(
-            f"download of {url} failed ({error}); without internet, set {DATA_DIR_VARIABLE} "
-            f"to a folder holding {target.name}"
+            f"the data file is not in {str(target.parent)!r} and its download from {url} failed "
+            f"({error}); put {target.name} (or the offline union file) into that folder, or set "
+            f"{DATA_DIR_VARIABLE} to a folder that contains it"
         ) from error
 
     digest = hashlib.md5(partial.read_bytes()).hexdigest()
@@ -210,7 +217,7 @@ def load_image_folder(folder: str | os.PathLike) -> tuple[np.ndarray, list[str]]
     for path in files:
         try:
             with Image.open(path) as image:
-                images.append(np.asarray(image.convert("L")))
+                images.append(_to_uint8_gray(image, path))
         except (UnidentifiedImageError, OSError) as error:
             raise ValueError(f"cannot read image {str(path)!r}: {error}; replace or remove it") from error
 
@@ -220,6 +227,18 @@ def load_image_folder(folder: str | os.PathLike) -> tuple[np.ndarray, list[str]]
             f"images in {str(folder)!r} have mixed sizes {sorted(shapes)}; resize them to one size"
         )
     return np.stack(images), [p.name for p in files]
+
+
+def _to_uint8_gray(image, path: Path) -> np.ndarray:
+    """Convert a PIL image to 8-bit grayscale; 16-bit images are scaled, not clipped."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        pixels = np.asarray(image, dtype=np.int64)
+        if pixels.min() < 0 or pixels.max() > 65535:
+            raise ValueError(f"image {str(path)!r} has pixel values outside 0..65535; convert it to 8 or 16 bit")
+        return np.rint(pixels / 257.0).astype(np.uint8)
+    if image.mode not in ("L", "1", "P"):
+        log.warning("converted %s image %s to grayscale", image.mode, path.name)
+    return np.asarray(image.convert("L"))
 
 
 def content_hashes(images: np.ndarray) -> np.ndarray:
@@ -246,6 +265,8 @@ def to_model_tensor(images: np.ndarray, image_size: int) -> torch.Tensor:
         raise ValueError(f"expected uint8 images, got dtype {images.dtype}; scale them to 0..255")
 
     height, width = images.shape[1:]
+    if height != width:
+        log.warning("images are %dx%d px, not square; edge padding makes them %dx%d", height, width, image_size, image_size)
     if height > image_size or width > image_size:
         raise ValueError(
             f"images of {height}x{width} px exceed image_size={image_size}; "
@@ -297,9 +318,8 @@ def make_splits(
     if len(set(hashes)) != n_total:
         raise ValueError("the images contain duplicates; remove them before splitting")
 
-    # Rank images by a seeded hash of their content: the draw then depends only on the images and
-    # the seed, not on their order in the file, so the offline union file and the official file
-    # put a shared image on the same side.
+    # Rank images by a seeded hash of their content. The draw then depends only on the images and
+    # the seed, not on their order in the file, so both data files put a shared image on one side.
     keys = [hashlib.sha256(f"{seed}:{digest}".encode()).hexdigest() for digest in hashes]
     order = np.argsort(keys, kind="stable")
     rows = []

@@ -15,7 +15,14 @@ FPR_TARGETS = {"tpr_at_1pct_fpr": 0.01, "tpr_at_0_1pct_fpr": 0.001}
 
 
 def _check(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    labels = np.asarray(labels).astype(bool)
+    labels = np.asarray(labels)
+    if labels.dtype != bool:
+        values = set(np.unique(labels).tolist()) if labels.dtype.kind in "iuf" else None
+        if values is None or not values <= {0, 1}:
+            raise ValueError(
+                f"labels must be booleans or 0/1 (1 = member), got values {np.unique(labels)[:5].tolist()}"
+            )
+        labels = labels.astype(bool)
     scores = np.asarray(scores, dtype=np.float64)
     if labels.shape != scores.shape or labels.ndim != 1:
         raise ValueError(f"labels {labels.shape} and scores {scores.shape} must be 1-D of equal length")

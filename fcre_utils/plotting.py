@@ -22,11 +22,21 @@ MEMBER_NAMES = {True: "member", False: "non-member"}
 
 
 def save_figure(fig: plt.Figure, run_dir: str | os.PathLike, name: str) -> Path:
-    """Save ``fig`` as ``run_dir/figures/<name>.png`` (150 dpi) and return the path."""
+    """Save ``fig`` as ``run_dir/figures/<name>.png`` (150 dpi) and return the path.
+
+    Raises:
+        FileExistsError: the figure exists already; figures of a run are never overwritten.
+    """
     folder = Path(run_dir) / "figures"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.png"
-    fig.savefig(path, dpi=150, bbox_inches="tight")
+    if path.exists():
+        raise FileExistsError(
+            f"{str(path)!r} already exists and is kept; run the notebook on a new run directory"
+        )
+    temporary = folder / f".{name}.tmp.png"
+    fig.savefig(temporary, dpi=150, bbox_inches="tight")
+    os.replace(temporary, path)
     return path
 
 

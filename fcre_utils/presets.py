@@ -76,8 +76,8 @@ class Params:
 MAX_RADIUS = 2**0.5  # normalised radius of the spectrum's corners; a band starting there is empty
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # NOTE: the paper preset has not been run end to end yet; its model size, training length
-    # and learning rate are estimates for a single modern GPU, not measured settings.
+    # NOTE: the paper preset has not been run end to end yet. Its model size, training length
+    # and learning rate are estimates for one modern GPU, not measured settings.
     "paper": {},
     "quick": {
         "source_size": 28,

@@ -80,6 +80,8 @@ def prepare_run_dir(run_dir: str | os.PathLike | None, preset: str, root: str | 
         return new_run_dir(root, prefix=preset)
 
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FileExistsError(f"--run-dir {str(run_dir)!r} is a file; give a new or empty directory")
     if run_dir.exists() and any(run_dir.iterdir()):
         raise FileExistsError(
             f"run directory {str(run_dir)!r} is not empty and is kept as it is; choose a new "
@@ -113,7 +115,13 @@ def run_series(
     resolve_params(preset, overrides)
     notebooks = list_notebooks(notebook_dir)
     if only:
-        notebooks = [nb for nb in notebooks if nb.name[:2] in only]
+        requested = {f"{int(number):02d}" if number.strip().isdigit() else number.strip() for number in only}
+        known = {nb.name[:2] for nb in notebooks}
+        if not requested <= known:
+            raise ValueError(f"--only {','.join(only)} names no notebook; choose from {', '.join(sorted(known))}")
+        if "01" not in requested:
+            raise ValueError("--only must include 01, because a new run directory needs notebook 01 to create its run")
+        notebooks = [nb for nb in notebooks if nb.name[:2] in requested]
 
     run_dir = prepare_run_dir(run_dir, preset).resolve()
     log.info("run directory: %s", run_dir)

@@ -247,7 +247,10 @@ def load_split_images(run_dir: str | os.PathLike, params: Params) -> tuple[pd.Da
     Raises:
         ValueError: an image's content no longer matches the hash recorded in the manifest.
     """
-    manifest = pd.read_csv(Path(run_dir) / "manifest.csv")
+    path = Path(run_dir) / "manifest.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} not found; run notebook 01 on this run directory first")
+    manifest = pd.read_csv(path)
     check_manifest(manifest)
     images = load_source_images(params)[manifest.image_id.to_numpy()]
 

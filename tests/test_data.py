@@ -202,3 +202,18 @@ def test_splits_ignore_file_order():
     again = data.make_splits(shuffled, 10, 30, 0.2, seed=3)
     assert set(first.sha256[first.member]) == set(again.sha256[again.member])
     assert set(first.sha256[~first.member]) == set(again.sha256[~again.member])
+
+
+def test_sixteen_bit_images_scaled(tmp_path):
+    pixels = (np.arange(28 * 28, dtype=np.uint16).reshape(28, 28) * 80)
+    Image.fromarray(pixels).save(tmp_path / "deep.png")
+    images, _ = data.load_image_folder(tmp_path)
+    np.testing.assert_array_equal(images[0], np.rint(pixels / 257.0).astype(np.uint8))
+
+
+def test_truncated_npz_named(tmp_path):
+    path = tmp_path / "broken.npz"
+    np.savez(path, images=synthetic_images(3))
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="broken.npz.*truncated"):
+        data.load_npz_images(path)

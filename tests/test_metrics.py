@@ -119,3 +119,14 @@ def test_ring_auc_orientation():
     labels = np.array([1, 1, 0, 0], bool)
     errors = np.array([[0.1, 5.0], [0.2, 6.0], [0.9, 1.0], [0.8, 2.0]])
     np.testing.assert_allclose(metrics.ring_auc(labels, errors), [1.0, 0.0])
+
+
+@pytest.mark.parametrize("labels", [np.array(["a", "b", "a"]), np.array([0, 1, 2])])
+def test_invalid_labels_rejected(labels):
+    with pytest.raises(ValueError, match="booleans or 0/1"):
+        metrics.attack_metrics(labels, np.array([0.1, 0.2, 0.3]))
+
+
+def test_integer_labels_accepted():
+    result = metrics.attack_metrics(np.array([1, 0, 1, 0]), np.array([0.9, 0.1, 0.8, 0.2]))
+    assert result["auc"] == 1.0

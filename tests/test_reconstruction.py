@@ -52,8 +52,8 @@ def test_reverse_step_matches_diffusers(alphas):
 def test_move_inverts_itself(alphas):
     x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
     eps = torch.randn_like(x)
-    there = reconstruction.ddim_move(x, eps, alphas[40], alphas[90])
-    torch.testing.assert_close(reconstruction.ddim_move(there, eps, alphas[90], alphas[40]), x)
+    moved = reconstruction.ddim_move(x, eps, alphas[40], alphas[90])
+    torch.testing.assert_close(reconstruction.ddim_move(moved, eps, alphas[90], alphas[40]), x)
 
 
 def test_forward_noise_formula(alphas):

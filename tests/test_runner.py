@@ -142,3 +142,24 @@ def test_relative_paths_made_absolute(tmp_path, monkeypatch):
     assert overrides["dataset"] == str(tmp_path / "images.npz")
     assert overrides["data_dir"] == str(tmp_path / "folder")
     assert __import__("os").environ["FCRE_DATA_DIR"] == str(tmp_path / "data")
+
+
+def test_only_unknown_notebook_rejected(tmp_path):
+    result = run_cli("--preset", "smoke", "--only", "1,9", "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert "names no notebook" in result.stderr
+
+
+def test_only_without_first_notebook_rejected(tmp_path):
+    result = run_cli("--preset", "smoke", "--only", "02", "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert "must include 01" in result.stderr
+
+
+def test_run_dir_file_rejected(tmp_path):
+    target = tmp_path / "notes.txt"
+    target.write_text("keep me")
+    result = run_cli("--preset", "smoke", "--run-dir", str(target))
+    assert result.returncode == 2
+    assert "is a file" in result.stderr
+    assert target.read_text() == "keep me"

@@ -102,3 +102,19 @@ def test_missing_dataset_file_named(tmp_path):
     params = resolve_params("smoke", {"dataset": str(tmp_path / "absent.npz")})
     with pytest.raises(FileNotFoundError, match="absent.npz"):
         runs.source_file(params)
+
+
+def test_missing_manifest_named(run):
+    run_dir, params = run
+    with pytest.raises(FileNotFoundError, match="run notebook 01"):
+        runs.load_split_images(run_dir, params)
+
+
+def test_figure_never_overwritten(tmp_path):
+    import matplotlib.pyplot as plt
+    from fcre_utils import plotting
+    fig = plt.figure()
+    plotting.save_figure(fig, tmp_path, "once")
+    with pytest.raises(FileExistsError, match="once.png"):
+        plotting.save_figure(fig, tmp_path, "once")
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["once.png"]
