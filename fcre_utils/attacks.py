@@ -30,6 +30,7 @@ FCRE_METRICS = ("ssim", "l2", "l2_ssim")
 PROTOCOLS = ("x0", "residual")
 SSIM_DATA_RANGE = 2.0  # the width of the [-1, 1] pixel range, used for every SSIM here
 SSIM_BORDER = 5  # half the Gaussian window: pixels closer to the border are left out
+SSIM_CHUNK = 64  # images per SSIM call
 
 
 def ssim_scores(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
@@ -45,12 +46,17 @@ def ssim_scores(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
         float64 array (N,); 1 means identical. The constants use a data range of 2 (pixels in
         [-1, 1]) for band-passed images too, so a band with little energy scores near 1.
     """
-    _, full = structural_similarity_index_measure(
-        a.to(torch.float64), b.to(torch.float64), gaussian_kernel=True, sigma=1.5,
-        kernel_size=11, data_range=SSIM_DATA_RANGE, return_full_image=True,
-    )
-    inner = full[..., SSIM_BORDER:-SSIM_BORDER, SSIM_BORDER:-SSIM_BORDER]
-    return inner.flatten(1).mean(dim=1).cpu().numpy()
+    # Chunks bound the memory. A float64 convolution on the CPU unfolds every 11x11 window, about
+    # 5 MB per 32x32 image (measured: 8.4 GB peak for 1,528 images at once, 1.2 GB in chunks).
+    scores = []
+    for begin in range(0, len(a), SSIM_CHUNK):
+        _, full = structural_similarity_index_measure(
+            a[begin : begin + SSIM_CHUNK].to(torch.float64), b[begin : begin + SSIM_CHUNK].to(torch.float64),
+            gaussian_kernel=True, sigma=1.5, kernel_size=11, data_range=SSIM_DATA_RANGE, return_full_image=True,
+        )
+        inner = full[..., SSIM_BORDER:-SSIM_BORDER, SSIM_BORDER:-SSIM_BORDER]
+        scores.append(inner.flatten(1).mean(dim=1).cpu().numpy())
+    return np.concatenate(scores)
 
 
 def l2_scores(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:

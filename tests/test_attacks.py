@@ -93,3 +93,15 @@ def test_fcre_attack_matches_cached_scoring(tiny_model):
 def test_fcre_nfe_declared():
     assert attacks.FCREAttack(t=100, stride=10, protocol="x0").nfe == 20
     assert attacks.FCREAttack(t=100, stride=10, protocol="residual").nfe == 12
+
+
+def test_ssim_chunks_match_scikit_image():
+    rng = np.random.default_rng(2)
+    count = attacks.SSIM_CHUNK + 6
+    a = rng.uniform(-1, 1, (count, 1, 16, 16))
+    b = np.clip(a + rng.normal(0, 0.3, a.shape), -1, 1)
+    ours = attacks.ssim_scores(torch.from_numpy(a), torch.from_numpy(b))
+    reference = [structural_similarity(a[i, 0], b[i, 0], data_range=2.0, gaussian_weights=True, sigma=1.5,
+                                       use_sample_covariance=False) for i in range(count)]
+    assert ours.shape == (count,)
+    np.testing.assert_allclose(ours, reference, rtol=1e-10)
