@@ -50,11 +50,16 @@ def find_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
 
 
 def load_npz_images(path: str | os.PathLike, keys: tuple[str, ...] = ("images",)) -> np.ndarray:
-    """Read and concatenate the arrays ``keys`` of an npz file, refusing pickled objects.
+    """Read and concatenate the arrays ``keys`` of an npz file, rejecting pickled objects.
 
     Returns:
         uint8 or float array of shape (N, H, W) or (N, H, W, C).
     """
+    return np.concatenate(list(load_npz_arrays(path, keys).values()), axis=0)
+
+
+def load_npz_arrays(path: str | os.PathLike, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Read the arrays ``keys`` of an npz file in one pass, rejecting pickled objects."""
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as archive:
@@ -64,7 +69,7 @@ def load_npz_images(path: str | os.PathLike, keys: tuple[str, ...] = ("images",)
                     f"{str(path)!r} has no array {missing[0]!r} (arrays: {archive.files}); "
                     f"expected the arrays {list(keys)}"
                 )
-            arrays = [archive[key] for key in keys]
+            arrays = {key: archive[key] for key in keys}
     except (zipfile.BadZipFile, EOFError, OSError) as error:
         raise ValueError(
             f"cannot read {str(path)!r}: the file is truncated or not an npz file ({error}); "
@@ -76,7 +81,7 @@ def load_npz_images(path: str | os.PathLike, keys: tuple[str, ...] = ("images",)
             "objects are rejected, so save the images as a numeric array with numpy.savez"
         ) from error
 
-    return np.concatenate(arrays, axis=0)
+    return arrays
 
 
 def _official_name(name: str, size: int) -> str:
@@ -167,14 +172,21 @@ def load_medmnist(
     Returns:
         images: uint8 array (N, size, size); labels: int array (N,).
     """
-    source = locate_medmnist(name, size, data_dir)
-    if source.name.startswith(f"{name}_union_"):
-        images = load_npz_images(source, ("images",))
-        labels = load_npz_images(source, ("labels",)).reshape(-1)
+    return read_medmnist_file(locate_medmnist(name, size, data_dir))
+
+
+def read_medmnist_file(source: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read a union or official MedMNIST npz file; see :func:`load_medmnist`."""
+    if "_union_" in source.name:
+        image_keys, label_keys = ("images",), ("labels",)
     else:
         splits = ("train", "val", "test")
-        images = load_npz_images(source, tuple(f"{s}_images" for s in splits))
-        labels = load_npz_images(source, tuple(f"{s}_labels" for s in splits)).reshape(-1)
+        image_keys = tuple(f"{s}_images" for s in splits)
+        label_keys = tuple(f"{s}_labels" for s in splits)
+
+    arrays = load_npz_arrays(source, image_keys + label_keys)
+    images = np.concatenate([arrays[key] for key in image_keys])
+    labels = np.concatenate([arrays[key] for key in label_keys]).reshape(-1)
 
     images, labels = drop_duplicates(images, labels)
     log.info("loaded %d unique images of %s px from %s", len(images), images.shape[1:], source)

@@ -57,6 +57,20 @@ def ddim_move(x: torch.Tensor, eps: torch.Tensor, a_from: torch.Tensor, a_to: to
     return a_to.sqrt() * x0_pred + (1 - a_to).sqrt() * eps
 
 
+def protocol_nfe(protocol: str, t: int, stride: int) -> int:
+    """Return the network evaluations per image of one protocol at timestep t on its own.
+
+    ``"x0"`` inverts and reverses (2 t / stride); ``"residual"`` inverts, then takes one reverse
+    and one inversion step (t / stride + 2).
+    """
+    steps = t // stride
+    if protocol == "x0":
+        return 2 * steps
+    if protocol == "residual":
+        return steps + 2
+    raise ValueError(f"unknown protocol {protocol!r}; choose 'x0' or 'residual'")
+
+
 def _timestep_grid(t: int, stride: int) -> list[int]:
     if stride < 1:
         raise ValueError(f"stride must be a positive number of timesteps, got {stride}")
@@ -124,12 +138,6 @@ class Reconstructions:
     @classmethod
     def from_dict(cls, values: dict) -> "Reconstructions":
         return cls(**values)
-
-    def select(self, rows) -> "Reconstructions":
-        """Return the reconstructions of the images ``rows`` (boolean mask or indices)."""
-        rows = torch.as_tensor(rows)
-        pick = {name: {t: v[rows] for t, v in getattr(self, name).items()} for name in ("x_t", "x_t_roundtrip", "x0_recon")}
-        return Reconstructions(x0=self.x0[rows], nfe=dict(self.nfe), **pick)
 
 
 def reconstruct(

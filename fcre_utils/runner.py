@@ -1,6 +1,6 @@
 """Execute the notebook series with papermill into a new run directory.
 
-``python -m fcre_utils run --preset quick --set epochs=200 --set timesteps=[50,100]`` resolves
+``python -m fcre_utils run --preset quick --set epochs=200 --set 'timesteps=[50,100]'`` resolves
 and checks the parameters before any notebook starts, executes ``notebooks/0*.ipynb`` in order
 into the run directory, records each notebook's wall time, and prints the metrics table.
 """

@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 import yaml
 
-from .data import check_manifest, content_hashes, file_sha256, load_medmnist, load_npz_images, locate_medmnist, make_splits, to_model_tensor
+from .data import check_manifest, content_hashes, file_sha256, load_npz_images, locate_medmnist, make_splits, read_medmnist_file, to_model_tensor
 from .presets import Params, params_from_dict, params_to_dict, resolve_params
 from .reconstruction import Reconstructions, reconstruct
 
@@ -63,15 +63,20 @@ def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = Fals
         FileExistsError: ``path`` exists and ``overwrite`` is false.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(
-            f"{str(path)!r} already exists and is kept; start a new run directory to recompute it"
-        )
+    if not overwrite:
+        _refuse_existing(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text(text)
     os.replace(temporary, path)
     return path
+
+
+def _refuse_existing(path: Path) -> None:
+    if path.exists():
+        raise FileExistsError(
+            f"{str(path)!r} already exists and is kept; start a new run directory to recompute it"
+        )
 
 
 def write_table(table: pd.DataFrame, path: str | os.PathLike) -> Path:
@@ -82,8 +87,7 @@ def write_table(table: pd.DataFrame, path: str | os.PathLike) -> Path:
 def save_tensors(tensors: dict[str, Any], path: str | os.PathLike) -> Path:
     """Save a dict of tensors with torch.save atomically; an existing file is kept."""
     path = Path(path)
-    if path.exists():
-        raise FileExistsError(f"{str(path)!r} already exists and is kept; start a new run directory")
+    _refuse_existing(path)
     temporary = path.with_name(f".{path.name}.tmp")
     torch.save(tensors, temporary)
     os.replace(temporary, path)
@@ -164,12 +168,13 @@ def _git_commit() -> str:
     return result.stdout.strip() if result.returncode == 0 else "unknown"
 
 
-def load_source_images(params: Params) -> np.ndarray:
-    """Load every image of the run's dataset as uint8 (N, H, W)."""
+def load_source_images(params: Params, source: Path | None = None) -> np.ndarray:
+    """Load every image of the run's dataset as uint8 (N, H, W) from ``source`` or its file."""
+    source = source or source_file(params)
     if params.dataset.endswith(".npz"):
-        images = load_npz_images(params.dataset)
+        images = load_npz_images(source)
     else:
-        images, _ = load_medmnist(params.dataset, params.source_size, params.data_dir or None)
+        images, _ = read_medmnist_file(source)
     if images.ndim != 3:
         raise ValueError(f"dataset {params.dataset!r} has shape {images.shape}; expected grayscale (N, H, W)")
     return images
@@ -191,7 +196,7 @@ def create_manifest(run_dir: str | os.PathLike, params: Params) -> pd.DataFrame:
     Also writes ``data_source.yaml``: the data file's path, its SHA-256 and the image count.
     """
     source = source_file(params)
-    images = load_source_images(params)
+    images = load_source_images(params, source)
     manifest = make_splits(content_hashes(images), params.n_members, params.n_nonmembers, params.calibration_fraction, params.seed)
 
     record = {"path": str(source.resolve()), "sha256": file_sha256(source), "unique_images": len(images)}

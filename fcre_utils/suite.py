@@ -16,10 +16,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .attacks import FCRE_METRICS, PROTOCOLS, balance_l2_weight, fcre_scores, l2_scores, ssim_scores
-from .frequency import bandpass
+from .attacks import FCRE_METRICS, PROTOCOLS, balance_l2_weight, band_similarity
 from .metrics import attack_metrics
-from .reconstruction import Reconstructions
+from .reconstruction import Reconstructions, protocol_nfe
 
 log = logging.getLogger(__name__)
 
@@ -33,22 +32,13 @@ def protocol_pair(recon: Reconstructions, protocol: str, t: int) -> tuple[torch.
     raise ValueError(f"unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
 
 
-def protocol_nfe(protocol: str, t: int, stride: int) -> int:
-    """Network evaluations per image for one FCRE score with this protocol alone."""
-    steps = t // stride
-    return 2 * steps if protocol == "x0" else steps + 2
-
-
 def fcre_all_metrics(original: torch.Tensor, reconstruction: torch.Tensor, band: tuple[float, float], fit: np.ndarray) -> tuple[dict[str, np.ndarray], float]:
     """SSIM, L2 and L2+SSIM scores for one band; the L2 weight is fit on the rows ``fit``.
 
     Returns:
         ``{metric: scores (N,)}`` and the L2 weight used by ``"l2_ssim"``.
     """
-    a = bandpass(original, *band)
-    b = bandpass(reconstruction, *band)
-    ssim = ssim_scores(a, b)
-    l2 = l2_scores(a, b)
+    ssim, l2 = band_similarity(original, reconstruction, *band)
     weight = balance_l2_weight(ssim[fit], l2[fit])
     return {"ssim": ssim, "l2": l2, "l2_ssim": ssim + weight * l2}, weight
 

@@ -102,7 +102,7 @@ def train_ddpm(
         if epoch % params.checkpoint_every == 0 or epoch == params.epochs:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                _save_ema(unet, ema, accelerator, scheduler, model_dir)
+                save_model(_ema_copy(unet, ema, accelerator), scheduler, model_dir)
 
     log.info("trained %d epochs on %d members in %.1f s", params.epochs, len(members), time.perf_counter() - start)
     ema_unet = _ema_copy(unet, ema, accelerator)
@@ -116,7 +116,3 @@ def _ema_copy(unet, ema: EMAModel, accelerator: Accelerator) -> UNet2DModel:
     copy.load_state_dict(raw.state_dict())
     ema.copy_to(copy.parameters())
     return copy.to("cpu").eval()
-
-
-def _save_ema(unet, ema: EMAModel, accelerator: Accelerator, scheduler: DDPMScheduler, model_dir) -> None:
-    save_model(_ema_copy(unet, ema, accelerator), scheduler, model_dir)

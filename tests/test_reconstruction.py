@@ -119,15 +119,6 @@ def test_reconstruct_matches_direct_calls(exact_model, alphas):
     assert recon.nfe == {20: 5, 40: 9}
 
 
-def test_reconstruct_select_rows(exact_model, alphas):
-    model, mean = exact_model
-    x0 = mean + torch.randn(4, 1, 8, 8, dtype=torch.float64)
-    recon = reconstruction.reconstruct(model, x0, [10], 10, alphas, progress=False)
-    part = recon.select(torch.tensor([True, False, True, False]))
-    assert len(part.x0) == 2
-    torch.testing.assert_close(part.x0_recon[10], recon.x0_recon[10][[0, 2]])
-
-
 def test_reconstruct_empty_rejected(exact_model, alphas):
     model, _ = exact_model
     with pytest.raises(ValueError, match="no images"):

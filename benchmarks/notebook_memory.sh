@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Measure the wall time and peak resident memory of notebooks 02-04 on a finished run, and check
+# that the rerun reproduces the run's metrics.csv.
+#   bash benchmarks/notebook_memory.sh outputs/quick-<time>
+# Notebooks 02-04 rerun one by one, under /usr/bin/time, on a scratch copy of the run's
+# parameters, manifest and model, so the run itself is not touched.
+set -euo pipefail
+run_dir="$(cd "$1" && pwd)"
+cd "$(dirname "$0")/.."
+scratch="$(mktemp -d)"
+cp -r "$run_dir"/{params.yaml,environment.yaml,manifest.csv,data_source.yaml,model} "$scratch"/
+
+for notebook in 02_reconstruction 03_frequency_analysis 04_attack; do
+    /usr/bin/time -f "$notebook peak_rss_mb=%M wall_s=%e" \
+        .venv/bin/papermill -k python3 --cwd notebooks "notebooks/$notebook.ipynb" \
+        "$scratch/$notebook.ipynb" -p run_dir "$scratch" 2>&1 >/dev/null | tail -1 \
+        | awk '{ sub(/peak_rss_mb=/, "", $2); printf "%s peak_rss_mb=%d %s\n", $1, $2 / 1024, $3 }'
+done
+
+if diff -q "$run_dir/metrics.csv" "$scratch/metrics.csv" >/dev/null; then
+    echo "metrics.csv reproduced exactly"
+else
+    echo "metrics.csv differs from the run's:"
+    diff "$run_dir/metrics.csv" "$scratch/metrics.csv" || true
+fi
+rm -rf "$scratch"
