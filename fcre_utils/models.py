@@ -112,6 +112,24 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
     return unet, scheduler
 
 
+def check_images_fit(unet: UNet2DModel, images: torch.Tensor) -> None:
+    """Raise ValueError unless ``images`` (N, C, H, W) have the channels and size ``unet`` expects."""
+    channels, height, width = images.shape[1:]
+    size = unet.config.sample_size
+    expected = (size, size) if isinstance(size, int) else tuple(size)
+    if channels != unet.config.in_channels:
+        raise ValueError(
+            f"the model expects {unet.config.in_channels}-channel images but the images have "
+            f"{channels} channels; use a checkpoint trained on {channels}-channel images, or "
+            "convert the images to match it"
+        )
+    if (height, width) != expected:
+        raise ValueError(
+            f"the model expects {expected[0]}x{expected[1]} px images (sample_size) but the images are "
+            f"{height}x{width} px; set image_size={expected[0]} or use a checkpoint trained at that size"
+        )
+
+
 def pick_device() -> torch.device:
     """Return CUDA if available, then Apple MPS, then CPU."""
     if torch.cuda.is_available():

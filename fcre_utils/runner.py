@@ -3,6 +3,11 @@
 ``python -m fcre_utils run --preset quick --set epochs=200 --set 'timesteps=[50,100]'`` resolves
 and checks the parameters before any notebook starts, executes ``notebooks/0*.ipynb`` in order
 into the run directory, records each notebook's wall time, and prints the metrics table.
+
+``python -m fcre_utils run --resume DIR`` continues a run that was interrupted or failed: it skips
+the notebooks whose executed copy completed, moves the files an unfinished notebook left behind to
+``DIR/interrupted/<notebook>-<n>/`` (nothing is deleted), and executes the rest. Notebook 01 then
+continues training from the training state in ``DIR/training_state/``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import nbformat
 import pandas as pd
 import papermill
 import yaml
@@ -21,11 +27,16 @@ import yaml
 from .data import DATA_DIR_VARIABLE
 from .presets import Params, resolve_params
 from .runs import atomic_write_text, new_run_dir
+from .training import STATE_FOLDER
 
 log = logging.getLogger(__name__)
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 KERNEL = "python3"
+REQUEST_FILE = "run_request.yaml"  # preset, overrides and notebooks, read back by --resume
+TIMES_FILE = "notebook_times.csv"
+SNAPSHOT_FOLDER = ".runner"  # the files present before each notebook started
+INTERRUPTED_FOLDER = "interrupted"
 
 
 class RunFailed(RuntimeError):
@@ -113,25 +124,74 @@ def run_series(
     """
     overrides = absolute_paths(dict(overrides or {}))
     resolve_params(preset, overrides)
-    notebooks = list_notebooks(notebook_dir)
-    if only:
-        requested = {f"{int(number):02d}" if number.strip().isdigit() else number.strip() for number in only}
-        known = {nb.name[:2] for nb in notebooks}
-        if not requested <= known:
-            raise ValueError(f"--only {','.join(only)} names no notebook; choose from {', '.join(sorted(known))}")
-        if "01" not in requested:
-            raise ValueError("--only must include 01, because a new run directory needs notebook 01 to create its run")
-        notebooks = [nb for nb in notebooks if nb.name[:2] in requested]
+    notebooks = select_notebooks(list_notebooks(notebook_dir), only)
 
     run_dir = prepare_run_dir(run_dir, preset).resolve()
     log.info("run directory: %s", run_dir)
+    request = {"preset": preset, "overrides": overrides, "only": only}
+    atomic_write_text(run_dir / REQUEST_FILE, yaml.safe_dump(request, sort_keys=False))
 
-    values = {"run_dir": str(run_dir), "preset": preset, "overrides": overrides}
-    timings = []
+    _execute(run_dir, notebooks, {"run_dir": str(run_dir), "preset": preset, "overrides": overrides}, timings=[])
+    return run_dir
+
+
+def resume_series(run_dir: str | os.PathLike, notebook_dir: str | os.PathLike = NOTEBOOK_DIR) -> Path:
+    """Continue an interrupted or failed run in ``run_dir`` with its recorded preset and parameters.
+
+    Notebooks whose executed copy completed are skipped. An unfinished notebook's files are moved
+    to ``run_dir/interrupted/<notebook>-<n>/`` before it runs again, except the training state,
+    which notebook 01 resumes from.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` has no ``run_request.yaml``, so it was not made by the runner.
+        KeyError, TypeError, ValueError: the recorded parameters are no longer valid.
+        RunFailed: a notebook raised an error, which its executed copy shows.
+    """
+    run_dir = Path(run_dir).resolve()
+    request_path = run_dir / REQUEST_FILE
+    if not request_path.is_file():
+        raise FileNotFoundError(
+            f"{str(request_path)!r} not found, so {str(run_dir)!r} was not created by "
+            "python -m fcre_utils run; --resume only continues such runs, start a new run instead"
+        )
+    request = yaml.safe_load(request_path.read_text())
+    preset, overrides = request["preset"], request["overrides"] or {}
+    resolve_params(preset, overrides)
+    notebooks = select_notebooks(list_notebooks(notebook_dir), request.get("only"))
+    log.info("resuming run directory: %s", run_dir)
+
+    timings = pd.read_csv(run_dir / TIMES_FILE).to_dict("records") if (run_dir / TIMES_FILE).is_file() else []
+    values = {"run_dir": str(run_dir), "preset": preset, "overrides": overrides, "resume": True}
+    pending = [notebook for notebook in notebooks if not notebook_completed(run_dir / notebook.name)]
+    for notebook in notebooks:
+        if notebook not in pending:
+            log.info("skipping %s: its executed copy completed", notebook.name)
+    for notebook in pending:
+        set_aside_unfinished(run_dir, notebook.stem)
+    _execute(run_dir, pending, values, timings)
+    return run_dir
+
+
+def select_notebooks(notebooks: list[Path], only: list[str] | None) -> list[Path]:
+    """Return the notebooks named by ``only`` (number prefixes such as "01"), or all when None."""
+    if not only:
+        return notebooks
+    requested = {f"{int(number):02d}" if number.strip().isdigit() else number.strip() for number in only}
+    known = {nb.name[:2] for nb in notebooks}
+    if not requested <= known:
+        raise ValueError(f"--only {','.join(only)} names no notebook; choose from {', '.join(sorted(known))}")
+    if "01" not in requested:
+        raise ValueError("--only must include 01, because a new run directory needs notebook 01 to create its run")
+    return [nb for nb in notebooks if nb.name[:2] in requested]
+
+
+def _execute(run_dir: Path, notebooks: list[Path], values: dict[str, Any], timings: list[dict[str, Any]]) -> None:
+    """Execute ``notebooks`` in order into ``run_dir``, then write the summary."""
     for notebook in notebooks:
         declared = papermill.inspect_notebook(str(notebook))
         parameters = {name: value for name, value in values.items() if name in declared}
         output = run_dir / notebook.name
+        _write_snapshot(run_dir, notebook.stem)
 
         log.info("executing %s", notebook.name)
         start = time.perf_counter()
@@ -141,17 +201,76 @@ def run_series(
                 cwd=str(notebook.parent), progress_bar=False,
             )
         except papermill.PapermillExecutionError as error:
-            raise RunFailed(f"{notebook.name} failed ({error.ename}: {error.evalue}); see {output}") from error
+            raise RunFailed(
+                f"{notebook.name} failed ({error.ename}: {error.evalue}); see {output}, then fix the "
+                f"cause and continue with python -m fcre_utils run --resume {run_dir}"
+            ) from error
         finally:
             timings.append({"notebook": notebook.name, "seconds": round(time.perf_counter() - start, 1)})
             _write_timings(run_dir, timings)
 
     write_summary(run_dir)
-    return run_dir
 
 
 def _write_timings(run_dir: Path, timings: list[dict[str, Any]]) -> None:
-    atomic_write_text(run_dir / "notebook_times.csv", pd.DataFrame(timings).to_csv(index=False), overwrite=True)
+    atomic_write_text(run_dir / TIMES_FILE, pd.DataFrame(timings).to_csv(index=False), overwrite=True)
+
+
+def notebook_completed(executed: Path) -> bool:
+    """Return True if papermill finished executing ``executed`` without an error."""
+    if not executed.is_file():
+        return False
+    metadata = nbformat.read(executed, as_version=4).metadata.get("papermill", {})
+    return bool(metadata.get("end_time")) and not metadata.get("exception")
+
+
+def _run_files(run_dir: Path) -> set[str]:
+    """Return the run's files as relative paths, leaving out those the runner itself manages."""
+    skipped = {REQUEST_FILE, TIMES_FILE, SNAPSHOT_FOLDER, INTERRUPTED_FOLDER, STATE_FOLDER}
+    files = set()
+    for path in run_dir.rglob("*"):
+        relative = path.relative_to(run_dir)
+        if relative.parts[0] not in skipped and not path.is_dir():
+            files.add(relative.as_posix())
+    return files
+
+
+def _write_snapshot(run_dir: Path, stem: str) -> None:
+    listing = "\n".join(sorted(_run_files(run_dir)))
+    atomic_write_text(run_dir / SNAPSHOT_FOLDER / f"{stem}.txt", listing, overwrite=True)
+
+
+def set_aside_unfinished(run_dir: Path, stem: str) -> Path | None:
+    """Move the files an unfinished run of notebook ``stem`` wrote to ``interrupted/<stem>-<n>/``.
+
+    Those are the files absent from the snapshot taken before the notebook started. Returns the
+    folder they went to, or None when there was nothing to move.
+    """
+    snapshot = run_dir / SNAPSHOT_FOLDER / f"{stem}.txt"
+    if not snapshot.is_file():
+        return None
+    before = set(snapshot.read_text().splitlines())
+    leftovers = sorted(_run_files(run_dir) - before)
+    if not leftovers:
+        return None
+
+    attempt = 1
+    while (run_dir / INTERRUPTED_FOLDER / f"{stem}-{attempt}").exists():
+        attempt += 1
+    target = run_dir / INTERRUPTED_FOLDER / f"{stem}-{attempt}"
+    for relative in leftovers:
+        (target / relative).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(run_dir / relative, target / relative)
+    _remove_empty_folders(run_dir)
+    log.info("moved %d files of the unfinished %s to %s", len(leftovers), stem, target)
+    return target
+
+
+def _remove_empty_folders(run_dir: Path) -> None:
+    folders = sorted((p for p in run_dir.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
+    for folder in folders:
+        if not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def metrics_summary(run_dir: str | os.PathLike) -> str:

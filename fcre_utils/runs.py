@@ -84,10 +84,12 @@ def write_table(table: pd.DataFrame, path: str | os.PathLike) -> Path:
     return atomic_write_text(path, table.to_csv(index=False))
 
 
-def save_tensors(tensors: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Save a dict of tensors with torch.save atomically; an existing file is kept."""
+def save_tensors(tensors: dict[str, Any], path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Save a dict of tensors with torch.save atomically; an existing file is kept unless ``overwrite``."""
     path = Path(path)
-    _refuse_existing(path)
+    if not overwrite:
+        _refuse_existing(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
     torch.save(tensors, temporary)
     os.replace(temporary, path)
