@@ -221,7 +221,14 @@ def load_image_folder(folder: str | os.PathLike) -> tuple[np.ndarray, list[str]]
     from PIL import Image, UnidentifiedImageError
 
     folder = Path(folder)
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    visible = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    unsupported = sorted(p.name for p in visible if p.suffix.lower() not in IMAGE_SUFFIXES)
+    if unsupported:
+        raise ValueError(
+            f"{str(folder)!r} contains files that are not PNG or JPEG ({', '.join(unsupported[:5])}); "
+            "convert them to 8- or 16-bit PNG, or move them out of the folder"
+        )
+    files = sorted(visible)
     if not files:
         raise FileNotFoundError(f"no PNG or JPEG files in {str(folder)!r}")
 
@@ -238,7 +245,38 @@ def load_image_folder(folder: str | os.PathLike) -> tuple[np.ndarray, list[str]]
         raise ValueError(
             f"images in {str(folder)!r} have mixed sizes {sorted(shapes)}; resize them to one size"
         )
-    return np.stack(images), [p.name for p in files]
+    stacked = np.stack(images)
+    check_pixels(stacked, str(folder))
+    return stacked, [p.name for p in files]
+
+
+def check_finite(images: np.ndarray, source: str) -> None:
+    """Raise ValueError if any pixel of a float array (N, ...) is NaN or infinite."""
+    if images.dtype.kind != "f":
+        return
+    bad = ~np.isfinite(images)
+    if bad.any():
+        first = int(np.flatnonzero(bad.reshape(len(images), -1).any(axis=1))[0])
+        raise ValueError(
+            f"{int(bad.sum())} pixel values are NaN or infinite (first in image {first}) in "
+            f"{source}; replace them or remove those images"
+        )
+
+
+def check_pixels(images: np.ndarray, source: str) -> None:
+    """Raise ValueError if any pixel is NaN or infinite, or any image is constant.
+
+    A constant image (every pixel equal) has no structure, so its reconstruction error says
+    nothing about membership and its SSIM is undefined.
+    """
+    check_finite(images, source)
+    flat = images.reshape(len(images), -1)
+    constant = np.flatnonzero(flat.min(axis=1) == flat.max(axis=1))
+    if len(constant):
+        raise ValueError(
+            f"{len(constant)} images are constant (first image {int(constant[0])}, every pixel "
+            f"{flat[constant[0], 0]}) in {source}; remove them, they carry nothing to attack"
+        )
 
 
 def _to_uint8_gray(image, path: Path) -> np.ndarray:
@@ -273,6 +311,7 @@ def to_model_tensor(images: np.ndarray, image_size: int) -> torch.Tensor:
     """
     if images.ndim != 3:
         raise ValueError(f"expected grayscale images of shape (N, H, W), got shape {images.shape}")
+    check_finite(images, "the images")
     if images.dtype != np.uint8:
         raise ValueError(f"expected uint8 images, got dtype {images.dtype}; scale them to 0..255")
 

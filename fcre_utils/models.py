@@ -101,15 +101,47 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
                 "(train one with notebook 01 or save one with DDPMPipeline.save_pretrained)"
             )
 
-    unet = UNet2DModel.from_pretrained(folder / "unet", use_safetensors=True).to(device).eval()
-    scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
+    unet = _load_unet(folder / "unet").to(device).eval()
+    try:
+        scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
+    except NotImplementedError as error:
+        beta_schedule = DDPMScheduler.load_config(folder / "scheduler").get("beta_schedule")
+        raise ValueError(
+            f"scheduler beta_schedule {beta_schedule!r} in {str(folder / 'scheduler')!r} is not "
+            "implemented by diffusers' DDPMScheduler; use one it implements, such as 'linear'"
+        ) from error
 
     if scheduler.config.prediction_type != "epsilon":
         raise ValueError(
             f"scheduler prediction_type is {scheduler.config.prediction_type!r}; the attacks "
-            "support epsilon prediction only"
+            "support epsilon prediction only, so use a model trained with prediction_type='epsilon'"
         )
     return unet, scheduler
+
+
+def _load_unet(folder: Path) -> UNet2DModel:
+    """Load a UNet2DModel from safetensors weights only; pickle-based weights are rejected."""
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{str(folder / 'config.json')!r} not found; save the model again with save_pretrained")
+    if not any(folder.glob("*.safetensors")):
+        pickled = sorted(p.name for p in folder.glob("*.bin"))
+        if pickled:
+            raise ValueError(
+                f"{str(folder)!r} holds only pickle-based weights ({', '.join(pickled)}), which are not "
+                "loaded because unpickling can run code; in a trusted environment load them and save "
+                "again with save_pretrained(..., safe_serialization=True)"
+            )
+        raise FileNotFoundError(
+            f"{str(folder)!r} has no safetensors weights; the checkpoint is incomplete, so save or "
+            "copy the model again"
+        )
+    try:
+        return UNet2DModel.from_pretrained(folder, use_safetensors=True)
+    except OSError as error:
+        raise ValueError(
+            f"cannot read the weights in {str(folder)!r} ({error}); the file is truncated or "
+            "corrupt, so save the model again"
+        ) from error
 
 
 def check_images_fit(unet: UNet2DModel, images: torch.Tensor) -> None:

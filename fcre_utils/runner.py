@@ -26,7 +26,7 @@ import yaml
 
 from .data import DATA_DIR_VARIABLE
 from .presets import Params, resolve_params
-from .runs import atomic_write_text, new_run_dir
+from .runs import atomic_write_text, new_run_dir, read_yaml
 from .training import STATE_FOLDER
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def resume_series(run_dir: str | os.PathLike, notebook_dir: str | os.PathLike = 
             f"{str(request_path)!r} not found, so {str(run_dir)!r} was not created by "
             "python -m fcre_utils run; --resume only continues such runs, start a new run instead"
         )
-    request = yaml.safe_load(request_path.read_text())
+    request = read_yaml(request_path)
     preset, overrides = request["preset"], request["overrides"] or {}
     resolve_params(preset, overrides)
     notebooks = select_notebooks(list_notebooks(notebook_dir), request.get("only"))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import pickle
 import platform
 import subprocess
 from importlib import metadata
@@ -32,7 +33,8 @@ import pandas as pd
 import torch
 import yaml
 
-from .data import check_manifest, content_hashes, file_sha256, load_npz_images, locate_medmnist, make_splits, read_medmnist_file, to_model_tensor
+from .data import check_manifest, check_pixels, content_hashes, file_sha256, load_npz_images, locate_medmnist, make_splits, read_medmnist_file, to_model_tensor
+from .models import check_images_fit
 from .presets import Params, params_from_dict, params_to_dict, resolve_params
 from .reconstruction import Reconstructions, reconstruct
 
@@ -97,8 +99,31 @@ def save_tensors(tensors: dict[str, Any], path: str | os.PathLike, *, overwrite:
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a file written by :func:`save_tensors` (tensors only, no pickled code)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load a file written by :func:`save_tensors` (tensors only, no pickled code).
+
+    Raises:
+        ValueError: the file holds other pickled Python objects; they are not unpickled, so no
+            code in the file runs.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{str(path)!r} contains pickled Python objects besides tensors, which are not loaded "
+            "because unpickling can run code; recreate the file with this package, which saves "
+            "tensors and plain values only"
+        ) from error
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    """Read a YAML file with the safe loader, so tags that build Python objects are rejected."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(
+            f"cannot read {str(path)!r} as plain YAML ({error}); write it with plain values only, "
+            "without Python tags such as !!python/object"
+        ) from error
 
 
 def start_run(run_dir: str | os.PathLike, preset: str, overrides: dict[str, Any] | None = None) -> Params:
@@ -132,7 +157,7 @@ def load_run(run_dir: str | os.PathLike) -> Params:
             f"{str(path)!r} not found; run notebook 01 (or python -m fcre_utils run) first to "
             "create this run directory"
         )
-    values = yaml.safe_load(path.read_text())
+    values = read_yaml(path)
     values.pop("preset", None)
     return params_from_dict(values)
 
@@ -178,7 +203,11 @@ def load_source_images(params: Params, source: Path | None = None) -> np.ndarray
     else:
         images, _ = read_medmnist_file(source)
     if images.ndim != 3:
-        raise ValueError(f"dataset {params.dataset!r} has shape {images.shape}; expected grayscale (N, H, W)")
+        raise ValueError(
+            f"dataset {params.dataset!r} has shape {images.shape}; expected grayscale (N, H, W), "
+            "so convert the images to grayscale before saving them"
+        )
+    check_pixels(images, f"dataset {params.dataset!r}")
     return images
 
 
@@ -235,6 +264,13 @@ def cached_reconstructions(run_dir: str | os.PathLike, params: Params, unet, alp
         log.info("loaded cached reconstructions from %s", path)
         return recon
 
+    check_images_fit(unet, images)
+    too_late = [t for t in params.timesteps if t >= len(alphas_cumprod)]
+    if too_late:
+        raise ValueError(
+            f"timestep {too_late[0]} in timesteps is beyond the model's schedule of "
+            f"{len(alphas_cumprod)} timesteps; choose timesteps below {len(alphas_cumprod)}"
+        )
     recon = reconstruct(unet, images, params.timesteps, params.ddim_stride, alphas_cumprod, params.score_batch_size, params.progress)
     save_tensors(recon.to_dict(), path)
     return recon

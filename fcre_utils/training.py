@@ -73,8 +73,13 @@ def train_ddpm(
     """
     if len(members) == 0:
         raise ValueError("no member images to train on; n_members must be at least 1")
-    if not torch.isfinite(members).all():
-        raise ValueError("member images contain NaN or infinite values; fix the input data")
+    finite = torch.isfinite(members)
+    if not finite.all():
+        first = int(torch.nonzero(~finite.flatten(1).all(dim=1))[0])
+        raise ValueError(
+            f"{int((~finite).sum())} member pixel values are NaN or infinite (first in image {first}); "
+            "replace them or remove those images"
+        )
     check_images_fit(unet, members)
     state_path = training_state_path(model_dir)
     fingerprint = _fingerprint(unet, members, params)
