@@ -6,14 +6,18 @@ Layout of ``outputs/<run-name>/``::
     environment.yaml     package versions, seed, threads, device and git commit
     manifest.csv         image_id, sha256, member, split
     model/               diffusers DDPMPipeline folder (safetensors)
+    training_state/      per model folder: state.pt to resume training (replaced at each checkpoint)
     training_log.csv     mean loss per epoch
     reconstructions.pt   cached DDIM inversions and reconstructions (notebook 02)
     scores.csv           one row per image and attack (notebook 04)
     metrics.csv          one row per attack (notebook 04)
     figures/             PNG figures
     *.ipynb              executed notebooks (runner)
+    run_request.yaml     preset, overrides and notebooks, read by ``run --resume`` (runner)
+    interrupted/         files of notebooks that did not finish, moved aside by ``run --resume``
 
-Result files are written atomically (temporary file, then rename) and never overwritten.
+Result files are written atomically (temporary file, then rename) and never overwritten. The
+model folder and the training state are replaced at each checkpoint, also atomically.
 """
 
 from __future__ import annotations
@@ -179,8 +183,10 @@ def environment_record(params: Params) -> dict[str, Any]:
         "packages": versions,
         "seed": params.seed,
         "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
         "device": str(pick_device()),
         "git_commit": _git_commit(),
+        "git_uncommitted_changes": _git_uncommitted_changes(),
         "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -193,6 +199,18 @@ def _git_commit() -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return result.stdout.strip() if result.returncode == 0 else "unknown"
+
+
+def _git_uncommitted_changes() -> bool | str:
+    """Return whether the project's tracked files differ from the recorded commit ("unknown" outside git)."""
+    try:
+        result = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent,
+            capture_output=True, text=True, timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return bool(result.stdout.strip()) if result.returncode == 0 else "unknown"
 
 
 def load_source_images(params: Params, source: Path | None = None) -> np.ndarray:
