@@ -97,14 +97,19 @@ def attack_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
 
 
 def threshold_at_fpr(labels: np.ndarray, scores: np.ndarray, target: float) -> float:
-    """Return the threshold of the ROC point :func:`tpr_at_fpr` picks for ``target``.
+    """Return the lowest threshold that flags at most ``target`` of the non-members here.
 
-    It is the lowest threshold whose FPR on these labels does not exceed ``target``; ``inf``
-    (flag nothing) when only the (0, 0) point qualifies.
+    Only non-member scores set it, as in a test of the null hypothesis "not a member": with n
+    non-members, k = floor(target n) of them may score at or above it, so it sits just above the
+    (k+1)-th highest non-member score. Images tied with that score are never flagged, so a tie is
+    not split.
     """
-    fpr, _, thresholds = roc(labels, scores)
-    allowed = np.flatnonzero(fpr <= target)
-    return float(thresholds[allowed[-1]])
+    labels, scores = _check(labels, scores)
+    nonmembers = np.sort(scores[~labels])[::-1]
+    allowed = int(np.floor(target * len(nonmembers) + 1e-9))
+    if allowed >= len(nonmembers):
+        return -np.inf
+    return float(np.nextafter(nonmembers[allowed], np.inf))
 
 
 def balanced_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -129,7 +134,9 @@ def calibrated_metrics(calibration: tuple[np.ndarray, np.ndarray], evaluation: t
     Returns:
         ``auc``; ``asr`` (balanced accuracy at the calibration threshold); for each FPR target,
         ``tpr_at_1pct_fpr`` and ``fpr_at_1pct_threshold`` (the realised evaluation rates at the
-        calibration threshold), and the same for 0.1%.
+        threshold of :func:`threshold_at_fpr` on the calibration split), and the same for 0.1%.
+        With n calibration non-members a target below 1/n allows no false positive, so the
+        threshold sits above the highest calibration non-member score.
     """
     cal_labels, cal_scores = _check(*calibration)
     labels, scores = _check(*evaluation)
@@ -183,7 +190,7 @@ def bootstrap_intervals(
 
 
 def attack_table(scores: pd.DataFrame, resamples: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """One row per attack: calibrated metrics with 95% intervals, oracle readings, NFE, set sizes.
+    """Measure every attack of a score table: calibrated metrics with 95% intervals, oracle readings.
 
     Args:
         scores: tidy score table with columns ``attack``, ``setting``, ``nfe``, ``member``,
