@@ -189,8 +189,8 @@ def test_suite_fixed_settings(suite_inputs):
     result = suite.run_suite(unet, scheduler.alphas_cumprod, images, manifest, fixed, recon)
     assert len(result.selection) == 8 + 6
     settings = result.selection.set_index("attack").t.to_dict()
-    assert settings["naive_loss"] == 20 and settings["secmi_stat"] == 40 and settings["pia"] == 30
-    assert settings["sima"] == 10 and settings["fcre_ssim_x0"] == 20
+    for attack, t in {"naive_loss": 20, "secmi_stat": 40, "pia": 30, "sima": 10, "fcre_ssim_x0": 20}.items():
+        assert settings[attack] == t, attack
 
 
 def test_suite_rejects_misaligned_images(suite_inputs):
