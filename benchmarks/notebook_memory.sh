@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Measure the wall time and peak resident memory of notebooks 02-04 on a finished run, and check
-# that the rerun reproduces the run's metrics.csv.
+# that the rerun reproduces the run's metrics.csv (and control_metrics.csv when the run has one).
 #   bash benchmarks/notebook_memory.sh outputs/quick-<time>
 # Notebooks 02-04 rerun one by one, under /usr/bin/time, on a scratch copy of the run's
-# parameters, manifest and model, so the run itself is not touched.
+# parameters, manifests and models, so the run itself is not touched.
 set -euo pipefail
 run_dir="$(cd "$1" && pwd)"
 cd "$(dirname "$0")/.."
 scratch="$(mktemp -d)"
 cp -r "$run_dir"/{params.yaml,environment.yaml,manifest.csv,data_source.yaml,model} "$scratch"/
+for optional in control_manifest.csv control_model; do
+    if [ -e "$run_dir/$optional" ]; then cp -r "$run_dir/$optional" "$scratch"/; fi
+done
 
 for notebook in 02_reconstruction 03_frequency_analysis 04_attack; do
     /usr/bin/time -f "$notebook peak_rss_mb=%M wall_s=%e" \
@@ -17,10 +20,13 @@ for notebook in 02_reconstruction 03_frequency_analysis 04_attack; do
         | awk '{ sub(/peak_rss_mb=/, "", $2); printf "%s peak_rss_mb=%d %s\n", $1, $2 / 1024, $3 }'
 done
 
-if diff -q "$run_dir/metrics.csv" "$scratch/metrics.csv" >/dev/null; then
-    echo "metrics.csv reproduced exactly"
-else
-    echo "metrics.csv differs from the run's:"
-    diff "$run_dir/metrics.csv" "$scratch/metrics.csv" || true
-fi
+for table in metrics.csv control_metrics.csv; do
+    [ -e "$run_dir/$table" ] || continue
+    if diff -q "$run_dir/$table" "$scratch/$table" >/dev/null; then
+        echo "$table reproduced exactly"
+    else
+        echo "$table differs from the run's:"
+        diff "$run_dir/$table" "$scratch/$table" || true
+    fi
+done
 rm -rf "$scratch"

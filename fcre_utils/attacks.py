@@ -1,21 +1,36 @@
 """Membership inference attacks: images in, one score per image out, higher means member.
 
-Every attack declares its cost as NFE, the number of network evaluations per image.
+Every attack has ``score(unet, alphas_cumprod, images)`` and declares its cost as ``nfe``, the
+number of network evaluations per image. ``eps_theta(x, t)`` is the model's noise prediction and
+``a_t`` the cumulative schedule.
 
-- :class:`NaiveLossAttack`: the noise-prediction error at timestep t with fresh noise
-  (Matsumoto et al. 2023), negated; NFE = draws.
+- :class:`NaiveLossAttack`: the noise-prediction error ``|eps_theta(x_t, t) - eps|^2`` with
+  fresh noise ``eps`` (Matsumoto et al. 2023), negated and averaged over ``draws``.
+- :class:`SecMIAttack`: SecMI-stat (Duan et al. 2023). DDIM inversion to t in steps of k, one
+  reverse step to t - k and one inversion step back to t; the score is the negative squared
+  error between the two states at t.
+- :class:`PIAAttack`: PIA and PIAN (Kong et al. 2024). The model's own prediction at t = 0,
+  ``eps_0 = eps_theta(x0, 0)``, is the noise that takes x0 to t; the score is the negative l4
+  distance between ``eps_theta(x_t, t)`` and ``eps_0``. PIAN first rescales ``eps_0`` to the
+  mean absolute value of a standard Gaussian.
+- :class:`SimAAttack`: SimA (Rao et al. 2025), the negative l2 norm of ``eps_theta(x0, t)`` on
+  the clean image.
+- The frequency-filter variants (arXiv 2505.20955): ``cutoff`` on naive, SecMI and PIA low-passes
+  both compared tensors (band ``[0, cutoff)``) before the distance.
 - :class:`FCREAttack`: Frequency-Calibrated Reconstruction Error (Zhao et al. 2025). It perturbs
   the image to t by DDIM inversion and reconstructs it, with the ``"x0"`` or ``"residual"``
   protocol of :mod:`fcre_utils.reconstruction`. Then it keeps the band ``[low, high)`` of both
   images and scores their similarity: SSIM, negative mean squared error (L2), or SSIM plus a
   weighted negative L2.
 
-The scoring functions (:func:`fcre_scores`, :func:`ssim_scores`, :func:`l2_scores`) work on
-cached reconstructions as well, so settings can be compared without running the network again.
+The distance functions (:func:`naive_error`, :func:`secmi_error`, :func:`pia_distance`,
+:func:`sima_norm`, :func:`fcre_scores`) are shared with :mod:`fcre_utils.suite`, which runs each
+network pass once for all attacks that need it and scores cached reconstructions.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,13 +39,14 @@ from diffusers import UNet2DModel
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from .frequency import bandpass
-from .reconstruction import ddim_invert, ddim_reverse, ddim_step, forward_noise, protocol_nfe
+from .reconstruction import ddim_invert, ddim_reverse, ddim_step, forward_noise, predict_noise, protocol_nfe
 
 FCRE_METRICS = ("ssim", "l2", "l2_ssim")
 PROTOCOLS = ("x0", "residual")
 SSIM_DATA_RANGE = 2.0  # the width of the [-1, 1] pixel range, used for every SSIM here
 SSIM_BORDER = 5  # half the Gaussian window: pixels closer to the border are left out
 SSIM_CHUNK = 64  # images per SSIM call
+GAUSSIAN_MEAN_ABS = math.sqrt(2 / math.pi)  # E|z| for z ~ N(0, 1)
 
 
 def ssim_scores(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
@@ -108,15 +124,72 @@ def balance_l2_weight(ssim: np.ndarray, l2: np.ndarray) -> float:
     return float(np.std(ssim)) / spread
 
 
+def lowpass(images: torch.Tensor, cutoff: float | None) -> torch.Tensor:
+    """Keep the band ``[0, cutoff)`` of each image; ``None`` returns the images unchanged."""
+    return images if cutoff is None else bandpass(images, 0.0, cutoff)
+
+
+def _mean_power(difference: torch.Tensor, power: int) -> np.ndarray:
+    return difference.to(torch.float64).abs().pow(power).flatten(1).mean(dim=1).cpu().numpy()
+
+
+def naive_error(eps: torch.Tensor, eps_pred: torch.Tensor, cutoff: float | None = None) -> np.ndarray:
+    """Mean squared error between the true and the predicted noise per image, (N,)."""
+    return _mean_power(lowpass(eps_pred, cutoff) - lowpass(eps, cutoff), 2)
+
+
+def secmi_error(x_t: torch.Tensor, roundtrip: torch.Tensor, cutoff: float | None = None) -> np.ndarray:
+    """Mean squared error between the inverted state at t and its round trip per image, (N,)."""
+    return _mean_power(lowpass(roundtrip, cutoff) - lowpass(x_t, cutoff), 2)
+
+
+def pia_distance(eps_0: torch.Tensor, eps_pred: torch.Tensor, cutoff: float | None = None) -> np.ndarray:
+    """Mean fourth power of the difference (the l4 distance to the 4th) per image, (N,)."""
+    return _mean_power(lowpass(eps_pred, cutoff) - lowpass(eps_0, cutoff), 4)
+
+
+def gaussian_rescale(eps: torch.Tensor) -> torch.Tensor:
+    """Scale each image's noise so its mean absolute value is that of N(0, 1), sqrt(2 / pi)."""
+    mean_abs = eps.abs().flatten(1).mean(dim=1).clamp_min(torch.finfo(eps.dtype).tiny)
+    return eps * (GAUSSIAN_MEAN_ABS / mean_abs).view(-1, *([1] * (eps.ndim - 1)))
+
+
+def pia_start(x0: torch.Tensor, eps_0: torch.Tensor, t: int, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Return ``sqrt(a_t) x0 + sqrt(1 - a_t) eps_0``: x0 moved to t along the model's own noise."""
+    a_t = alphas_cumprod[t].to(x0.device, x0.dtype)
+    return a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps_0
+
+
+def sima_norm(eps_pred: torch.Tensor) -> np.ndarray:
+    """l2 norm of each image's predicted noise, (N,)."""
+    return eps_pred.to(torch.float64).flatten(1).norm(dim=1).cpu().numpy()
+
+
+def _lowpass_suffix(cutoff: float | None) -> str:
+    return "" if cutoff is None else "_lowpass"
+
+
+def _batches(images: torch.Tensor, batch_size: int, device: torch.device):
+    for begin in range(0, len(images), batch_size):
+        yield images[begin : begin + batch_size].to(device)
+
+
 @dataclass
 class NaiveLossAttack:
-    """Negative noise-prediction error at timestep ``t``, averaged over ``draws`` noise draws."""
+    """Negative noise-prediction error at timestep ``t``, averaged over ``draws`` noise draws.
+
+    ``cutoff`` low-passes the true and predicted noise first (the frequency-filter variant).
+    """
 
     t: int = 100
     draws: int = 1
     seed: int = 0
+    cutoff: float | None = None
     batch_size: int = 256
-    name: str = "naive_loss"
+
+    @property
+    def name(self) -> str:
+        return "naive_loss" + _lowpass_suffix(self.cutoff)
 
     @property
     def nfe(self) -> int:
@@ -126,19 +199,96 @@ class NaiveLossAttack:
         """Return one score per image (N,); the noise is seeded, so scores are repeatable."""
         device = next(unet.parameters()).device
         generator = torch.Generator().manual_seed(self.seed)
-        errors = np.zeros(len(images))
-
+        errors = []
         with torch.inference_mode():
-            for begin in range(0, len(images), self.batch_size):
-                x0 = images[begin : begin + self.batch_size].to(device)
-                timesteps = torch.full((len(x0),), self.t, device=device, dtype=torch.long)
+            for x0 in _batches(images, self.batch_size, device):
+                total = np.zeros(len(x0))
                 for _ in range(self.draws):
                     x_t, eps = forward_noise(x0, self.t, alphas_cumprod, generator)
-                    eps_pred = unet(x_t, timesteps).sample
-                    error = (eps_pred - eps).square().flatten(1).mean(dim=1)
-                    errors[begin : begin + len(x0)] += error.double().cpu().numpy() / self.draws
+                    total += naive_error(eps, predict_noise(unet, x_t, self.t), self.cutoff)
+                errors.append(total / self.draws)
+        return -np.concatenate(errors)
 
-        return -errors
+
+@dataclass
+class SecMIAttack:
+    """SecMI-stat: negative error between the DDIM-inverted state at ``t`` and its round trip."""
+
+    t: int = 100
+    stride: int = 10
+    cutoff: float | None = None
+    batch_size: int = 256
+
+    @property
+    def name(self) -> str:
+        return "secmi_stat" + _lowpass_suffix(self.cutoff)
+
+    @property
+    def nfe(self) -> int:
+        return protocol_nfe("residual", self.t, self.stride)
+
+    def score(self, unet: UNet2DModel, alphas_cumprod: torch.Tensor, images: torch.Tensor) -> np.ndarray:
+        """Return one score per image (N,)."""
+        device = next(unet.parameters()).device
+        errors = []
+        with torch.inference_mode():
+            for x0 in _batches(images, self.batch_size, device):
+                x_t = ddim_invert(unet, x0, self.t, self.stride, alphas_cumprod)[self.t]
+                previous = ddim_step(unet, x_t, self.t, self.t - self.stride, alphas_cumprod)
+                roundtrip = ddim_step(unet, previous, self.t - self.stride, self.t, alphas_cumprod)
+                errors.append(secmi_error(x_t, roundtrip, self.cutoff))
+        return -np.concatenate(errors)
+
+
+@dataclass
+class PIAAttack:
+    """PIA (``normalized=False``) or PIAN (``normalized=True``) at timestep ``t``; 2 NFE."""
+
+    t: int = 200
+    normalized: bool = False
+    cutoff: float | None = None
+    batch_size: int = 256
+
+    @property
+    def name(self) -> str:
+        return ("pian" if self.normalized else "pia") + _lowpass_suffix(self.cutoff)
+
+    @property
+    def nfe(self) -> int:
+        return 2
+
+    def score(self, unet: UNet2DModel, alphas_cumprod: torch.Tensor, images: torch.Tensor) -> np.ndarray:
+        """Return one score per image (N,)."""
+        device = next(unet.parameters()).device
+        distances = []
+        with torch.inference_mode():
+            for x0 in _batches(images, self.batch_size, device):
+                eps_0 = predict_noise(unet, x0, 0)
+                if self.normalized:
+                    eps_0 = gaussian_rescale(eps_0)
+                eps_pred = predict_noise(unet, pia_start(x0, eps_0, self.t, alphas_cumprod), self.t)
+                distances.append(pia_distance(eps_0, eps_pred, self.cutoff))
+        return -np.concatenate(distances)
+
+
+@dataclass
+class SimAAttack:
+    """SimA: negative l2 norm of the noise predicted for the clean image at timestep ``t``; 1 NFE."""
+
+    t: int = 100
+    batch_size: int = 256
+    name: str = "sima"
+
+    @property
+    def nfe(self) -> int:
+        return 1
+
+    def score(self, unet: UNet2DModel, alphas_cumprod: torch.Tensor, images: torch.Tensor) -> np.ndarray:
+        """Return one score per image (N,); ``alphas_cumprod`` is unused but kept for the interface."""
+        device = next(unet.parameters()).device
+        with torch.inference_mode():
+            norms = [sima_norm(predict_noise(unet, x0, self.t)) for x0 in _batches(images, self.batch_size, device)]
+        return -np.concatenate(norms)
 
 
 @dataclass
@@ -156,7 +306,7 @@ class FCREAttack:
 
     @property
     def name(self) -> str:
-        return f"fcre_{self.metric}"
+        return f"fcre_{self.metric}_{self.protocol}"
 
     @property
     def nfe(self) -> int:
@@ -170,8 +320,7 @@ class FCREAttack:
         device = next(unet.parameters()).device
         scores = []
         with torch.inference_mode():
-            for begin in range(0, len(images), self.batch_size):
-                x0 = images[begin : begin + self.batch_size].to(device)
+            for x0 in _batches(images, self.batch_size, device):
                 x_t = ddim_invert(unet, x0, self.t, self.stride, alphas_cumprod)[self.t]
                 if self.protocol == "x0":
                     original = x0
@@ -182,4 +331,3 @@ class FCREAttack:
                     reconstruction = ddim_step(unet, previous, self.t - self.stride, self.t, alphas_cumprod)
                 scores.append(fcre_scores(original.cpu(), reconstruction.cpu(), self.low, self.high, self.metric, self.l2_weight))
         return np.concatenate(scores)
-

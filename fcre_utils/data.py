@@ -369,10 +369,7 @@ def make_splits(
     if len(set(hashes)) != n_total:
         raise ValueError("the images contain duplicates; remove them before splitting")
 
-    # Rank images by a seeded hash of their content. The draw then depends only on the images and
-    # the seed, not on their order in the file, so both data files put a shared image on one side.
-    keys = [hashlib.sha256(f"{seed}:{digest}".encode()).hexdigest() for digest in hashes]
-    order = np.argsort(keys, kind="stable")
+    order = seeded_order(hashes, seed)
     rows = []
     for is_member, ids in ((True, order[:n_members]), (False, order[n_members : n_members + n_nonmembers])):
         n_calibration = int(round(calibration_fraction * len(ids)))
@@ -383,6 +380,36 @@ def make_splits(
     manifest = pd.DataFrame(rows, columns=["image_id", "sha256", "member", "split"])
     check_manifest(manifest)
     return manifest
+
+
+def seeded_order(hashes: np.ndarray, seed: int) -> np.ndarray:
+    """Return image indices ranked by a seeded hash of their content.
+
+    The draw then depends only on the images and the seed, not on their order in the file, so
+    two data files that share an image put it on the same side.
+    """
+    keys = [hashlib.sha256(f"{seed}:{digest}".encode()).hexdigest() for digest in hashes]
+    return np.argsort(keys, kind="stable")
+
+
+def draw_control(hashes: np.ndarray, manifest: pd.DataFrame, n_control: int, seed: int) -> pd.DataFrame:
+    """Draw a control set: images that are neither members nor non-members of ``manifest``.
+
+    A model trained on the control set never saw a member, so every attack against it should
+    score near chance. The images follow the manifest's draw in the same seeded ranking.
+
+    Returns:
+        Columns ``image_id`` and ``sha256``.
+    """
+    used = set(manifest.sha256)
+    free = [int(i) for i in seeded_order(hashes, seed) if hashes[i] not in used]
+    if n_control > len(free):
+        raise ValueError(
+            f"the control set needs {n_control} images (as many as n_members) but only {len(free)} remain "
+            f"after the {len(manifest)} members and non-members; lower n_members or n_nonmembers, or set train_control=false"
+        )
+    ids = free[:n_control]
+    return pd.DataFrame({"image_id": ids, "sha256": [hashes[i] for i in ids]})
 
 
 def check_manifest(manifest: pd.DataFrame) -> None:

@@ -1,17 +1,31 @@
 """Attack metrics on scikit-learn's ROC: AUC, attack success rate and TPR at a fixed FPR.
 
-Conventions: members are the positive class (label 1) and a higher score means "more likely a
-member". The ROC keeps every threshold (no points dropped), so a TPR read at a fixed FPR is
-exact.
+Conventions: members are the positive class (label 1), a higher score means "more likely a
+member", and a threshold flags an image as a member when its score is at least the threshold.
+The ROC keeps every threshold (no points dropped), so a TPR read at a fixed FPR is exact.
+
+Two readings of one attack on the evaluation split:
+
+- calibrated (:func:`calibrated_metrics`): the thresholds for the attack success rate and for
+  1% and 0.1% FPR are chosen on the calibration split and applied unchanged to the evaluation
+  split, as an attacker without evaluation labels would. The realised evaluation FPR is reported
+  next to each TPR.
+- oracle (``oracle_*`` columns): the same quantities read off the evaluation ROC itself, which
+  tunes the threshold on the evaluation labels. Most published tables report this reading.
+
+:func:`bootstrap_intervals` gives percentile 95% intervals by resampling members and
+non-members of both splits independently (:func:`scipy.stats.bootstrap`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from scipy.stats import bootstrap
 from sklearn.metrics import roc_auc_score, roc_curve
 
 FPR_TARGETS = {"tpr_at_1pct_fpr": 0.01, "tpr_at_0_1pct_fpr": 0.001}
+CALIBRATED = ("auc", "asr", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr")  # metrics that get intervals
 
 
 def _check(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -82,18 +96,144 @@ def attack_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     return result
 
 
-def metrics_table(scores: pd.DataFrame, split: str = "evaluation") -> pd.DataFrame:
-    """Compute one row of :func:`attack_metrics` per attack from a tidy score table.
+def threshold_at_fpr(labels: np.ndarray, scores: np.ndarray, target: float) -> float:
+    """Return the lowest threshold that flags at most ``target`` of the non-members here.
+
+    Only non-member scores set it, as in a test of the null hypothesis "not a member": with n
+    non-members, k = floor(target n) of them may score at or above it, so it sits just above the
+    (k+1)-th highest non-member score. Images tied with that score are never flagged, so a tie is
+    not split.
+    """
+    labels, scores = _check(labels, scores)
+    nonmembers = np.sort(scores[~labels])[::-1]
+    allowed = int(np.floor(target * len(nonmembers) + 1e-9))
+    if allowed >= len(nonmembers):
+        return -np.inf
+    return float(np.nextafter(nonmembers[allowed], np.inf))
+
+
+def balanced_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Return the threshold with the best balanced accuracy on these labels (the ASR's threshold)."""
+    fpr, tpr, thresholds = roc(labels, scores)
+    return float(thresholds[np.argmax(tpr - fpr)])
+
+
+def rates_at(labels: np.ndarray, scores: np.ndarray, threshold: float) -> tuple[float, float]:
+    """Return (FPR, TPR) when every score at or above ``threshold`` is flagged as a member."""
+    labels = np.asarray(labels, dtype=bool)
+    flagged = np.asarray(scores) >= threshold
+    return float(flagged[~labels].mean()), float(flagged[labels].mean())
+
+
+def calibrated_metrics(calibration: tuple[np.ndarray, np.ndarray], evaluation: tuple[np.ndarray, np.ndarray]) -> dict[str, float]:
+    """Evaluation metrics with every threshold chosen on the calibration split.
 
     Args:
-        scores: columns ``attack``, ``setting``, ``nfe``, ``member``, ``split``, ``score``.
-        split: which split to measure on.
+        calibration, evaluation: ``(labels, scores)`` of each split, both classes present.
+
+    Returns:
+        ``auc``; ``asr`` (balanced accuracy at the calibration threshold); for each FPR target,
+        ``tpr_at_1pct_fpr`` and ``fpr_at_1pct_threshold`` (the realised evaluation rates at the
+        threshold of :func:`threshold_at_fpr` on the calibration split), and the same for 0.1%.
+        With n calibration non-members a target below 1/n allows no false positive, so the
+        threshold sits above the highest calibration non-member score.
+    """
+    cal_labels, cal_scores = _check(*calibration)
+    labels, scores = _check(*evaluation)
+    fpr, tpr = rates_at(labels, scores, balanced_threshold(cal_labels, cal_scores))
+    result = {"auc": float(roc_auc_score(labels, scores)), "asr": (tpr + 1.0 - fpr) / 2.0}
+    for name, target in FPR_TARGETS.items():
+        fpr, tpr = rates_at(labels, scores, threshold_at_fpr(cal_labels, cal_scores, target))
+        result[name] = tpr
+        result[name.replace("tpr_at_", "fpr_at_").replace("_fpr", "_threshold")] = fpr
+    return result
+
+
+def oracle_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """ASR and TPR at 1% and 0.1% FPR read off the evaluation ROC, prefixed ``oracle_``."""
+    measured = attack_metrics(labels, scores)
+    return {f"oracle_{name}": measured[name] for name in ("asr", *FPR_TARGETS)}
+
+
+def bootstrap_intervals(
+    calibration: tuple[np.ndarray, np.ndarray],
+    evaluation: tuple[np.ndarray, np.ndarray],
+    resamples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals of the calibrated AUC, ASR and TPRs.
+
+    Members and non-members of each split are resampled independently, so every resample keeps
+    the class sizes, and the thresholds are chosen again on each resampled calibration split:
+    the intervals include the uncertainty of the threshold.
+
+    Returns:
+        ``{metric: (low, high)}`` for each name in :data:`CALIBRATED`.
+    """
+    if resamples < 2:
+        raise ValueError(f"resamples={resamples} must be at least 2; 1000 is usual")
+    cal_labels, cal_scores = _check(*calibration)
+    labels, scores = _check(*evaluation)
+    samples = (cal_scores[cal_labels], cal_scores[~cal_labels], scores[labels], scores[~labels])
+
+    def statistic(cal_members, cal_nonmembers, members, nonmembers):
+        cal = (np.r_[np.ones(len(cal_members), bool), np.zeros(len(cal_nonmembers), bool)], np.r_[cal_members, cal_nonmembers])
+        ev = (np.r_[np.ones(len(members), bool), np.zeros(len(nonmembers), bool)], np.r_[members, nonmembers])
+        measured = calibrated_metrics(cal, ev)
+        return np.array([measured[name] for name in CALIBRATED])
+
+    result = bootstrap(samples, statistic, paired=False, vectorized=False, n_resamples=resamples,
+                       confidence_level=confidence, method="percentile", random_state=np.random.default_rng(seed))
+    low, high = result.confidence_interval
+    return {name: (float(low[i]), float(high[i])) for i, name in enumerate(CALIBRATED)}
+
+
+def attack_table(scores: pd.DataFrame, resamples: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Measure every attack of a score table: calibrated metrics with 95% intervals, oracle readings.
+
+    Args:
+        scores: tidy score table with columns ``attack``, ``setting``, ``nfe``, ``member``,
+            ``split`` ("calibration" or "evaluation") and ``score``.
+        resamples: bootstrap resamples per attack.
+        seed: seed of the bootstrap.
+
+    Returns:
+        Columns attack, setting, nfe, then for each of auc, asr, tpr_at_1pct_fpr and
+        tpr_at_0_1pct_fpr the value and its ``_low`` and ``_high`` interval ends, the realised
+        evaluation FPR at each calibrated threshold, the ``oracle_*`` readings, n_members and
+        n_nonmembers (evaluation split).
     """
     rows = []
-    chosen = scores[scores.split == split]
-    for (attack, setting, nfe), group in chosen.groupby(["attack", "setting", "nfe"], sort=False):
-        rows.append({"attack": attack, "setting": setting, **attack_metrics(group.member.to_numpy(), group.score.to_numpy()), "nfe": int(nfe)})
+    for (attack, setting, nfe), group in scores.groupby(["attack", "setting", "nfe"], sort=False):
+        splits = {}
+        for split in ("calibration", "evaluation"):
+            part = group[group.split.to_numpy() == split]
+            if part.empty:
+                raise ValueError(f"attack {attack!r} has no scores on the {split} split; score every image of the manifest")
+            splits[split] = (part.member.to_numpy(dtype=bool), part.score.to_numpy(dtype=np.float64))
+        row = {"attack": attack, "setting": setting, "nfe": int(nfe)}
+        measured = calibrated_metrics(splits["calibration"], splits["evaluation"])
+        intervals = bootstrap_intervals(splits["calibration"], splits["evaluation"], resamples, seed)
+        for name in CALIBRATED:
+            row.update({name: measured[name], f"{name}_low": intervals[name][0], f"{name}_high": intervals[name][1]})
+        row.update({name: value for name, value in measured.items() if name.startswith("fpr_at_")})
+        row.update(oracle_metrics(*splits["evaluation"]))
+        labels = splits["evaluation"][0]
+        row.update({"n_members": int(labels.sum()), "n_nonmembers": int((~labels).sum())})
+        rows.append(row)
     return pd.DataFrame(rows)
+
+
+def format_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Return the attack table as text cells "value [low, high]" for display and markdown."""
+    shown = pd.DataFrame({"attack": table.attack, "setting": table.setting, "NFE": table.nfe})
+    labels = {"auc": "AUC", "asr": "ASR", "tpr_at_1pct_fpr": "TPR@1%FPR", "tpr_at_0_1pct_fpr": "TPR@0.1%FPR"}
+    for name, label in labels.items():
+        shown[label] = [f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in zip(table[name], table[f"{name}_low"], table[f"{name}_high"])]
+    shown["FPR at 1% / 0.1% threshold"] = [f"{a:.4f} / {b:.4f}" for a, b in zip(table.fpr_at_1pct_threshold, table.fpr_at_0_1pct_threshold)]
+    shown["oracle TPR@1% / 0.1%FPR"] = [f"{a:.3f} / {b:.3f}" for a, b in zip(table.oracle_tpr_at_1pct_fpr, table.oracle_tpr_at_0_1pct_fpr)]
+    return shown
 
 
 def ring_auc(labels: np.ndarray, ring_errors: np.ndarray) -> np.ndarray:

@@ -119,11 +119,18 @@ def ring_comparison(centres: np.ndarray, member: np.ndarray, nonmember: np.ndarr
     return fig
 
 
-def roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> plt.Figure:
-    """ROC curves on log-log axes; ``curves`` maps a label to (fpr, tpr)."""
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    for label, (fpr, tpr) in curves.items():
-        ax.step(np.clip(fpr, 1e-4, 1), np.clip(tpr, 1e-4, 1), where="post", label=label)
+def roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], points: dict[str, tuple[float, float]] | None = None) -> plt.Figure:
+    """ROC curves on log-log axes; ``curves`` maps a label to (fpr, tpr).
+
+    ``points`` maps a label to one (fpr, tpr) operating point, drawn as a dot on its curve (the
+    calibrated 1% FPR threshold in notebook 04). Rates of 0 are drawn at the axis floor.
+    """
+    fig, ax = plt.subplots(figsize=(7, 6))
+    colours = sns.color_palette("tab20", len(curves))
+    for colour, (label, (fpr, tpr)) in zip(colours, curves.items()):
+        ax.step(np.clip(fpr, 1e-4, 1), np.clip(tpr, 1e-3, 1), where="post", label=label, color=colour, lw=1.2)
+        if points and label in points:
+            ax.plot(*np.clip(points[label], [1e-4, 1e-3], 1), "o", color=colour, ms=5)
     ax.plot([1e-4, 1], [1e-4, 1], color="grey", lw=0.8, ls=":", label="chance")
     for target in (0.01, 0.001):
         ax.axvline(target, color="grey", lw=0.6, ls="--")
@@ -133,23 +140,28 @@ def roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> plt.Figure:
     ax.set_ylim(1e-3, 1.05)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=7, loc="lower right", ncol=2)
     fig.tight_layout()
     return fig
 
 
-def score_histograms(scores: pd.DataFrame) -> plt.Figure:
+def score_histograms(scores: pd.DataFrame, columns: int = 4) -> plt.Figure:
     """Member and non-member score histograms, one panel per attack (tidy score table)."""
     attacks = list(dict.fromkeys(scores.attack))
-    fig, axes = plt.subplots(1, len(attacks), figsize=(3.6 * len(attacks), 3.2), squeeze=False)
-    for ax, attack in zip(axes[0], attacks):
+    n_rows = -(-len(attacks) // columns)
+    fig, axes = plt.subplots(n_rows, columns, figsize=(3.4 * columns, 2.8 * n_rows), squeeze=False)
+    for ax, attack in zip(axes.flat, attacks):
         part = scores[scores.attack == attack]
         for is_member in (False, True):
             values = part.score[part.member == is_member]
             ax.hist(values, bins=40, density=True, alpha=0.55, color=MEMBER_COLOURS[is_member], label=MEMBER_NAMES[is_member])
-        ax.set_title(attack, fontsize=10)
-        ax.set_xlabel("score (higher: member)")
-    axes[0, 0].legend(fontsize=8)
+        ax.set_title(attack, fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in axes.flat[len(attacks):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("score (higher: member)", fontsize=8)
+    axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
     return fig
 

@@ -26,8 +26,8 @@ class Params:
     data_dir: str = ""  # folder with the npz files; empty: $FCRE_DATA_DIR, then download
     source_size: int = 64  # MedMNIST resolution to read: 28, 64, 128 or 224 px
     image_size: int = 64  # model resolution; smaller sources are edge-padded to it
-    n_members: int = 2500  # training images (members)
-    n_nonmembers: int = 2500  # images never used in training (non-members)
+    n_members: int = 1500  # training images (members); the control model trains on as many others
+    n_nonmembers: int = 2000  # images never used in training (non-members)
     calibration_fraction: float = 0.2  # share of each side held out to choose attack settings
     seed: int = 0  # seed for splits, initial weights, training noise and attack noise
 
@@ -63,11 +63,19 @@ class Params:
             [0.0, 0.5], [0.0, 1.5],
         ]
     )  # bands compared on the calibration split; [0, 1.5] keeps every frequency
-    select_on_calibration: bool = True  # choose protocol, t and band on the calibration split
-    fcre_protocol: str = "x0"  # used when not selecting: "x0" or "residual"
-    fcre_t: int = 100  # used when not selecting: timestep t of the FCRE perturbation
-    naive_t: int = 100  # timestep t of the naive loss attack
+    lowpass_cutoffs: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])  # low-pass filter variants' candidate cutoffs
+    select_on_calibration: bool = True  # choose each attack's t, band and cutoff on the calibration split
+    fcre_t: int = 100  # used when not selecting: FCRE's timestep t (both protocols)
+    naive_t: int = 100  # used when not selecting: timestep t of the naive loss attack
+    secmi_t: int = 100  # used when not selecting: SecMI-stat's timestep t; must be one of timesteps
+    pia_t: int = 200  # used when not selecting: timestep t of PIA and PIAN
+    sima_t: int = 100  # used when not selecting: timestep t of SimA
+    lowpass_cutoff: float = 0.5  # used when not selecting: cutoff of the low-pass filter variants
     naive_draws: int = 4  # noise draws averaged by the naive loss attack
+    bootstrap_resamples: int = 1000  # bootstrap resamples behind each 95% interval
+
+    # Control model
+    train_control: bool = True  # also train a model on a disjoint control set, as a sanity check
 
     # Display
     progress: bool = True  # show tqdm progress bars
@@ -111,7 +119,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "ddim_stride": 20,
         "band_candidates": [[0.15, 0.85], [0.0, 1.5]],
         "naive_t": 40,
+        "secmi_t": 40,
+        "pia_t": 40,
+        "sima_t": 40,
+        "lowpass_cutoffs": [0.5],
         "naive_draws": 1,
+        "bootstrap_resamples": 50,
         "n_samples": 4,
         "sample_steps": 5,
         "progress": False,
@@ -227,10 +240,19 @@ def check_values(params: Params) -> None:
     for t in params.timesteps if params.ddim_stride >= 1 else []:
         if t < params.ddim_stride or t % params.ddim_stride or t >= steps:
             problems.append(f"timestep {t} in timesteps must be a positive multiple of ddim_stride={params.ddim_stride} below {steps}")
-    if not params.select_on_calibration and params.fcre_t not in params.timesteps:
-        problems.append(f"fcre_t={params.fcre_t} must be one of timesteps={params.timesteps} when select_on_calibration is false")
-    if not 0 <= params.naive_t < steps:
-        problems.append(f"naive_t={params.naive_t} must be in [0, {steps})")
+    for name in ("fcre_t", "secmi_t"):
+        if not params.select_on_calibration and getattr(params, name) not in params.timesteps:
+            problems.append(f"{name}={getattr(params, name)} must be one of timesteps={params.timesteps} when select_on_calibration is false")
+    for name in ("naive_t", "pia_t", "sima_t"):
+        if not 0 <= getattr(params, name) < steps:
+            problems.append(f"{name}={getattr(params, name)} must be in [0, {steps})")
+    for cutoff in [params.lowpass_cutoff, *params.lowpass_cutoffs]:
+        if not 0.0 < cutoff:
+            problems.append(f"low-pass cutoff {cutoff} must be positive (normalised radius, 1 = Nyquist)")
+    if params.select_on_calibration and not params.lowpass_cutoffs:
+        problems.append("lowpass_cutoffs is empty; give at least one cutoff")
+    if params.bootstrap_resamples < 2:
+        problems.append(f"bootstrap_resamples={params.bootstrap_resamples} must be at least 2; 1000 is usual")
 
     if params.select_on_calibration and not params.band_candidates:
         problems.append("band_candidates is empty; give at least one [low, high] band")
@@ -238,8 +260,6 @@ def check_values(params: Params) -> None:
     for band in bands:
         if len(band) != 2 or not 0.0 <= band[0] < band[1] or band[0] >= MAX_RADIUS:
             problems.append(f"band {band} must be [low, high] with 0 <= low < high and low < {MAX_RADIUS:.4f} (normalised radius)")
-    if params.fcre_protocol not in ("x0", "residual"):
-        problems.append(f"fcre_protocol={params.fcre_protocol!r} must be 'x0' or 'residual'")
     if params.mixed_precision not in ("no", "fp16", "bf16"):
         problems.append(f"mixed_precision={params.mixed_precision!r} must be 'no', 'fp16' or 'bf16'")
     if not 0.0 < params.ema_decay < 1.0:

@@ -79,7 +79,8 @@ def _timestep_grid(t: int, stride: int) -> list[int]:
     return list(range(0, t + 1, stride))
 
 
-def _eps(unet: UNet2DModel, x: torch.Tensor, t: int) -> torch.Tensor:
+def predict_noise(unet: UNet2DModel, x: torch.Tensor, t: int) -> torch.Tensor:
+    """Return the model's noise prediction ``eps_theta(x, t)`` for a batch at one timestep (1 NFE)."""
     timesteps = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
     return unet(x, timesteps).sample
 
@@ -96,7 +97,7 @@ def ddim_invert(unet: UNet2DModel, x0: torch.Tensor, t: int, stride: int, alphas
     states = {0: x0} if 0 in keep else {}
     x = x0
     for t_from, t_to in zip(grid[:-1], grid[1:]):
-        x = ddim_move(x, _eps(unet, x, t_from), alphas[t_from], alphas[t_to])
+        x = ddim_move(x, predict_noise(unet, x, t_from), alphas[t_from], alphas[t_to])
         if t_to in keep or t_to == t:
             states[t_to] = x
     return states
@@ -113,7 +114,7 @@ def ddim_reverse(unet: UNet2DModel, x_t: torch.Tensor, t: int, stride: int, alph
     states = []
     x = x_t
     for t_from, t_to in zip(grid[:0:-1], grid[-2::-1]):
-        x = ddim_move(x, _eps(unet, x, t_from), alphas[t_from], alphas[t_to])
+        x = ddim_move(x, predict_noise(unet, x, t_from), alphas[t_from], alphas[t_to])
         states.append(x)
     return states
 
@@ -199,4 +200,4 @@ def reconstruct(
 def ddim_step(unet: UNet2DModel, x: torch.Tensor, t_from: int, t_to: int, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """Take one DDIM step from timestep ``t_from`` to ``t_to``, in either direction (1 NFE)."""
     alphas = alphas_cumprod.to(x.device, x.dtype)
-    return ddim_move(x, _eps(unet, x, t_from), alphas[t_from], alphas[t_to])
+    return ddim_move(x, predict_noise(unet, x, t_from), alphas[t_from], alphas[t_to])

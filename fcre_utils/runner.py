@@ -25,6 +25,7 @@ import papermill
 import yaml
 
 from .data import DATA_DIR_VARIABLE
+from .metrics import format_table
 from .presets import Params, resolve_params
 from .runs import atomic_write_text, new_run_dir, read_yaml
 from .training import STATE_FOLDER
@@ -47,7 +48,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """Turn ``["key=value", ...]`` into a dict, reading each value as YAML (typed).
 
     ``epochs=5`` gives an int, ``band_low=0.2`` a float, ``timesteps=[50,100]`` a list and
-    ``fcre_protocol=x0`` a string. The text of a string-typed parameter is kept as written, so
+    ``dataset=pneumoniamnist`` a string. The text of a string-typed parameter is kept as written, so
     ``mixed_precision=no`` stays ``"no"`` rather than becoming YAML's false.
     """
     types = typing.get_type_hints(Params)
@@ -278,31 +279,25 @@ def metrics_summary(run_dir: str | os.PathLike) -> str:
     path = Path(run_dir) / "metrics.csv"
     if not path.is_file():
         return f"no metrics.csv in {run_dir}"
-    table = pd.read_csv(path)
-    columns = ["attack", "setting", "nfe", "auc", "asr", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "n_members", "n_nonmembers"]
-    return table[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}")
+    columns = ["attack", "NFE", "AUC", "ASR", "TPR@1%FPR", "TPR@0.1%FPR"]
+    return format_table(pd.read_csv(path))[columns].to_string(index=False)
 
 
 SUMMARY_FIGURES = ("04_roc", "03_error_by_ring", "04_score_histograms", "01_samples")
 
 
 def write_summary(run_dir: str | os.PathLike) -> Path:
-    """Write ``summary.md``: the metrics table, the chosen FCRE settings, wall times and figures."""
+    """Write ``summary.md``: the attack tables of the model and the control model, wall times and figures."""
     run_dir = Path(run_dir)
     params = yaml.safe_load((run_dir / "params.yaml").read_text()) if (run_dir / "params.yaml").is_file() else {}
     lines = [f"# Run {run_dir.name}", "", f"Preset: `{params.get('preset', 'unknown')}`.", ""]
 
-    if (run_dir / "metrics.csv").is_file():
-        metrics = pd.read_csv(run_dir / "metrics.csv")
-        lines += ["## Metrics on the evaluation split", "", metrics.to_markdown(index=False, floatfmt=".3f"), ""]
-    if (run_dir / "fcre_selection.csv").is_file():
-        selection = pd.read_csv(run_dir / "fcre_selection.csv")
-        if "auc" in selection:
-            columns = ["protocol", "metric", "t", "low", "high", "nfe", "auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "selected"]
-            ranked = selection.sort_values(["auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "nfe"], ascending=[False, False, False, True])
-            best = ranked.groupby(["protocol", "metric"], sort=False).head(1)[columns]
-            lines += ["## Best FCRE setting per protocol and metric, on the calibration split", "",
-                      best.to_markdown(index=False, floatfmt=".3f"), ""]
+    for prefix, title in (("", "Attacks on the trained model"), ("control_", "Attacks on the control model (never saw the members)")):
+        path = run_dir / f"{prefix}metrics.csv"
+        if path.is_file():
+            table = format_table(pd.read_csv(path))
+            lines += [f"## {title}", "", "Evaluation split; thresholds and settings chosen on the calibration split; "
+                      "95% bootstrap intervals in brackets.", "", table.to_markdown(index=False), ""]
     if (run_dir / "notebook_times.csv").is_file():
         times = pd.read_csv(run_dir / "notebook_times.csv")
         total = times.seconds.sum()

@@ -5,12 +5,16 @@ Layout of ``outputs/<run-name>/``::
     params.yaml          resolved parameters (written once, by notebook 01 or the runner)
     environment.yaml     package versions, seed, threads, device and git commit
     manifest.csv         image_id, sha256, member, split
+    control_manifest.csv image_id, sha256 of the control set (when train_control)
     model/               diffusers DDPMPipeline folder (safetensors)
+    control_model/       the same, trained on the control set
     training_state/      per model folder: state.pt to resume training (replaced at each checkpoint)
-    training_log.csv     mean loss per epoch
+    training_log.csv     mean loss per epoch (control_training_log.csv for the control model)
     reconstructions.pt   cached DDIM inversions and reconstructions (notebook 02)
+    selection.csv        calibration metrics of every candidate setting (notebook 04)
     scores.csv           one row per image and attack (notebook 04)
-    metrics.csv          one row per attack (notebook 04)
+    metrics.csv          one row per attack, with intervals (notebook 04; metrics.md as text)
+    control_*            the same files for the control model
     figures/             PNG figures
     *.ipynb              executed notebooks (runner)
     run_request.yaml     preset, overrides and notebooks, read by ``run --resume`` (runner)
@@ -37,7 +41,10 @@ import pandas as pd
 import torch
 import yaml
 
-from .data import check_manifest, check_pixels, content_hashes, file_sha256, load_npz_images, locate_medmnist, make_splits, read_medmnist_file, to_model_tensor
+from .data import (
+    check_manifest, check_pixels, content_hashes, draw_control, file_sha256, load_npz_images, locate_medmnist, make_splits,
+    read_medmnist_file, to_model_tensor,
+)
 from .models import check_images_fit
 from .presets import Params, params_from_dict, params_to_dict, resolve_params
 from .reconstruction import Reconstructions, reconstruct
@@ -246,11 +253,16 @@ def create_manifest(run_dir: str | os.PathLike, params: Params) -> pd.DataFrame:
     """
     source = source_file(params)
     images = load_source_images(params, source)
-    manifest = make_splits(content_hashes(images), params.n_members, params.n_nonmembers, params.calibration_fraction, params.seed)
+
+    hashes = content_hashes(images)
+    manifest = make_splits(hashes, params.n_members, params.n_nonmembers, params.calibration_fraction, params.seed)
+    control = draw_control(hashes, manifest, params.n_members, params.seed) if params.train_control else None
 
     record = {"path": str(source.resolve()), "sha256": file_sha256(source), "unique_images": len(images)}
     atomic_write_text(Path(run_dir) / "data_source.yaml", yaml.safe_dump(record, sort_keys=False))
     write_table(manifest, Path(run_dir) / "manifest.csv")
+    if control is not None:
+        write_table(control, Path(run_dir) / "control_manifest.csv")
     return manifest
 
 
@@ -269,9 +281,10 @@ def rows(manifest: pd.DataFrame, member: bool | None = None, split: str | None =
     return torch.from_numpy(mask.copy())
 
 
-def cached_reconstructions(run_dir: str | os.PathLike, params: Params, unet, alphas_cumprod: torch.Tensor, images: torch.Tensor) -> Reconstructions:
-    """Load ``reconstructions.pt`` if this run has it, else reconstruct every image and save it."""
-    path = Path(run_dir) / "reconstructions.pt"
+def cached_reconstructions(run_dir: str | os.PathLike, params: Params, unet, alphas_cumprod: torch.Tensor, images: torch.Tensor,
+                           filename: str = "reconstructions.pt") -> Reconstructions:
+    """Load ``run_dir/filename`` if this run has it, else reconstruct every image and save it there."""
+    path = Path(run_dir) / filename
     if path.is_file():
         recon = Reconstructions.from_dict(load_tensors(path))
         if len(recon.x0) != len(images):
@@ -302,6 +315,31 @@ def load_reconstructions(run_dir: str | os.PathLike) -> Reconstructions:
     return Reconstructions.from_dict(load_tensors(path))
 
 
+def load_control_images(run_dir: str | os.PathLike, params: Params) -> torch.Tensor:
+    """Return the model-ready images of ``control_manifest.csv``, checked against their hashes."""
+    path = Path(run_dir) / "control_manifest.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} not found; start a new run with train_control=true to train a control model")
+    control = pd.read_csv(path)
+    manifest = pd.read_csv(Path(run_dir) / "manifest.csv")
+    shared = set(control.sha256) & set(manifest.sha256)
+    if shared:
+        raise ValueError(f"{len(shared)} control images are also members or non-members; the control set must be disjoint, start a new run")
+    images = load_source_images(params)[control.image_id.to_numpy()]
+    _check_hashes(images, control, path)
+    return to_model_tensor(images, params.image_size)
+
+
+def _check_hashes(images: np.ndarray, table: pd.DataFrame, path: Path) -> None:
+    changed = content_hashes(images) != table.sha256.to_numpy()
+    if changed.any():
+        first = int(table.image_id[changed].iloc[0])
+        raise ValueError(
+            f"{int(changed.sum())} images differ from {str(path)!r} (first image_id {first}); the "
+            "dataset changed since this run was created, start a new run"
+        )
+
+
 def load_split_images(run_dir: str | os.PathLike, params: Params) -> tuple[pd.DataFrame, torch.Tensor]:
     """Return the manifest and the model-ready images of its rows, in manifest order.
 
@@ -314,12 +352,5 @@ def load_split_images(run_dir: str | os.PathLike, params: Params) -> tuple[pd.Da
     manifest = pd.read_csv(path)
     check_manifest(manifest)
     images = load_source_images(params)[manifest.image_id.to_numpy()]
-
-    changed = content_hashes(images) != manifest.sha256.to_numpy()
-    if changed.any():
-        first = int(manifest.image_id[changed].iloc[0])
-        raise ValueError(
-            f"{int(changed.sum())} images differ from the manifest (first image_id {first}); the "
-            "dataset changed since this run was created, start a new run"
-        )
+    _check_hashes(images, manifest, path)
     return manifest, to_model_tensor(images, params.image_size)

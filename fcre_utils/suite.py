@@ -1,26 +1,48 @@
-"""Score a run's images with every attack, choosing FCRE's settings on the calibration split.
+"""Score a run's images with every attack, choosing each attack's settings on the calibration split.
 
-FCRE has settings an attacker would tune: the protocol (``"x0"`` or ``"residual"``), the
-timestep t and the band. :func:`select_fcre_settings` measures every combination on the
-calibration split only, from cached reconstructions. It keeps the best per metric (highest AUC,
-then highest TPR at 1% and at 0.1% FPR, then fewest NFE), and the evaluation split is scored once with that
-choice.
+Every attack has settings an attacker would tune: the timestep t, the low-pass cutoff of the
+frequency-filter variants, and FCRE's band. :func:`run_suite` scores every candidate setting,
+measures it on the calibration split only, keeps the best per attack (highest AUC, then highest
+TPR at 1% and at 0.1% FPR, then fewest NFE), and returns the chosen settings' scores for every
+image. The evaluation split never influences a choice.
+
+Network passes are shared: one prediction ``eps_theta(x0, 0)`` serves PIA and PIAN at every t,
+one noised batch serves the naive attack with and without its low-pass filter, and SecMI-stat
+and FCRE read the cached DDIM trajectories of :func:`fcre_utils.reconstruction.reconstruct`.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
+from diffusers import UNet2DModel
 
-from .attacks import FCRE_METRICS, PROTOCOLS, balance_l2_weight, band_similarity
+from .attacks import (
+    FCRE_METRICS, PROTOCOLS, balance_l2_weight, band_similarity, gaussian_rescale, naive_error, pia_distance,
+    pia_start, secmi_error, sima_norm,
+)
 from .metrics import attack_metrics
-from .reconstruction import Reconstructions, protocol_nfe
+from .presets import Params
+from .reconstruction import Reconstructions, forward_noise, predict_noise, protocol_nfe, reconstruct
 
 log = logging.getLogger(__name__)
+
+RANKING = (["auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "nfe"], [False, False, False, True])
+
+
+@dataclass
+class SuiteResult:
+    """Scores of the chosen settings and the calibration measurements behind the choice."""
+
+    scores: pd.DataFrame  # image_id, member, split, attack, setting, nfe, score (chosen settings)
+    selection: pd.DataFrame  # one row per candidate setting: calibration metrics, ``selected``
+    baseline_passes: float  # network passes per image run for the baselines (all candidates)
+    reconstruction_passes: int  # network passes per image behind the cached reconstructions
 
 
 def protocol_pair(recon: Reconstructions, protocol: str, t: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,51 +65,89 @@ def fcre_all_metrics(original: torch.Tensor, reconstruction: torch.Tensor, band:
     return {"ssim": ssim, "l2": l2, "l2_ssim": ssim + weight * l2}, weight
 
 
-def select_fcre_settings(recon: Reconstructions, manifest: pd.DataFrame, bands: list[list[float]], stride: int) -> pd.DataFrame:
-    """Measure every (protocol, t, band, metric) on the calibration split.
+def band_text(low: float, high: float) -> str:
+    """Format a band as ``[low, high)``."""
+    return f"[{low:g}, {high:g})"
+
+
+@dataclass
+class Candidate:
+    """One setting of one attack and its scores for the images it was run on."""
+
+    attack: str
+    setting: str
+    nfe: int
+    t: int
+    low: float
+    high: float
+    scores: np.ndarray
+
+
+def calibration_labels(manifest: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Return the calibration row mask and its member labels; both classes must be present."""
+    calibration = manifest.split.to_numpy() == "calibration"
+    labels = manifest.member.to_numpy(dtype=bool)[calibration]
+    if labels.all() or not labels.any():
+        raise ValueError("the calibration split needs members and non-members; raise calibration_fraction")
+    return calibration, labels
+
+
+def rank_candidates(candidates: list[Candidate], labels: np.ndarray, rows: np.ndarray | None = None) -> pd.DataFrame:
+    """Measure each candidate on the calibration labels and mark the best of each attack.
+
+    Args:
+        candidates: settings to compare.
+        labels: calibration member flags.
+        rows: mask selecting the calibration rows of each candidate's scores; ``None`` when the
+            scores cover the calibration images only.
+
+    Returns:
+        One row per candidate: attack, setting, nfe, t, low, high, the calibration metrics and
+        ``selected``.
+    """
+    table = pd.DataFrame([
+        {"attack": c.attack, "setting": c.setting, "nfe": c.nfe, "t": c.t, "low": c.low, "high": c.high,
+         **attack_metrics(labels, c.scores if rows is None else c.scores[rows])}
+        for c in candidates
+    ])
+    columns, ascending = RANKING
+    best = table.sort_values(columns, ascending=ascending, kind="stable").groupby("attack", sort=False).head(1).index
+    table["selected"] = table.index.isin(best)
+    return table
+
+
+def select_fcre_settings(recon: Reconstructions, manifest: pd.DataFrame, timesteps: list[int], bands: list[list[float]], stride: int) -> pd.DataFrame:
+    """Measure FCRE for every (protocol, t, band, metric) on the calibration split.
 
     Args:
         recon: reconstructions of the manifest's images, in manifest order.
         manifest: columns ``member`` and ``split``.
+        timesteps: candidate t, each cached in ``recon``.
         bands: candidate ``[low, high]`` bands.
         stride: DDIM stride the reconstructions used.
 
     Returns:
-        One row per combination: protocol, t, low, high, metric, l2_weight, nfe, the calibration
-        metrics (auc, asr, tpr_at_1pct_fpr, tpr_at_0_1pct_fpr) and ``selected`` (the best row of
-        each metric).
+        The table of :func:`rank_candidates`, attacks named ``fcre_<metric>_<protocol>``.
     """
-    calibration = manifest.split.to_numpy() == "calibration"
-    labels = manifest.member.to_numpy()[calibration]
-    if labels.all() or not labels.any():
-        raise ValueError("the calibration split needs members and non-members; raise calibration_fraction")
+    calibration, labels = calibration_labels(manifest)
+    missing = sorted(set(timesteps) - set(recon.x0_recon))
+    if missing:
+        raise ValueError(f"timesteps {missing} are not in the cached reconstructions {sorted(recon.x0_recon)}; reconstruct them first")
 
-    rows = []
-    for protocol, t, band in itertools.product(PROTOCOLS, sorted(recon.x0_recon), bands):
+    candidates = []
+    for protocol, t, band in itertools.product(PROTOCOLS, sorted(timesteps), bands):
         original, reconstruction = protocol_pair(recon, protocol, t)
-        scores, weight = fcre_all_metrics(original[calibration], reconstruction[calibration], tuple(band), np.ones(len(labels), bool))
+        low, high = float(band[0]), float(band[1])
+        scores, _ = fcre_all_metrics(original[calibration], reconstruction[calibration], (low, high), np.ones(len(labels), bool))
+        nfe = protocol_nfe(protocol, t, stride)
         for metric in FCRE_METRICS:
-            measured = attack_metrics(labels, scores[metric])
-            rows.append({"protocol": protocol, "t": t, "low": band[0], "high": band[1], "metric": metric,
-                         "l2_weight": weight if metric == "l2_ssim" else np.nan,
-                         "nfe": protocol_nfe(protocol, t, stride), **measured})
-
-    table = pd.DataFrame(rows)
-    ranked = table.sort_values(["auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "nfe"], ascending=[False, False, False, True])
-    best = ranked.groupby("metric", sort=False).head(1).index
-    table["selected"] = table.index.isin(best)
+            candidates.append(Candidate(f"fcre_{metric}_{protocol}", f"t={t} band={band_text(low, high)}", nfe, t, low, high, scores[metric]))
+    table = rank_candidates(candidates, labels)
     log.info("compared %d FCRE settings on %d calibration images", len(table), len(labels))
     return table
 
 
-def fixed_fcre_settings(protocol: str, t: int, band: tuple[float, float], stride: int) -> pd.DataFrame:
-    """Build the table of :func:`select_fcre_settings` for one setting chosen by hand."""
-    rows = [{"protocol": protocol, "t": t, "low": band[0], "high": band[1], "metric": metric,
-             "l2_weight": np.nan, "nfe": protocol_nfe(protocol, t, stride), "selected": True} for metric in FCRE_METRICS]
-    return pd.DataFrame(rows)
-
-
-def fcre_scores_table(recon: Reconstructions, manifest: pd.DataFrame, settings: pd.DataFrame) -> pd.DataFrame:
+def fcre_scores_table(recon: Reconstructions, manifest: pd.DataFrame, selection: pd.DataFrame) -> pd.DataFrame:
     """Score every image with each selected FCRE setting; L2 weights come from calibration.
 
     Returns:
@@ -95,12 +155,162 @@ def fcre_scores_table(recon: Reconstructions, manifest: pd.DataFrame, settings: 
     """
     calibration = manifest.split.to_numpy() == "calibration"
     tables = []
-    for row in settings[settings.selected].itertuples():
-        original, reconstruction = protocol_pair(recon, row.protocol, row.t)
+    chosen = selection[selection.selected].set_index("attack")
+    for protocol, metric in itertools.product(PROTOCOLS, FCRE_METRICS):
+        if f"fcre_{metric}_{protocol}" not in chosen.index:
+            continue
+        row = chosen.loc[f"fcre_{metric}_{protocol}"]
+        original, reconstruction = protocol_pair(recon, protocol, row.t)
         scores, _ = fcre_all_metrics(original, reconstruction, (row.low, row.high), calibration)
-        setting = f"{row.protocol} t={row.t} band=[{row.low:g}, {row.high:g})"
-        tables.append(score_table(manifest, f"fcre_{row.metric}", setting, row.nfe, scores[row.metric]))
+        tables.append(score_table(manifest, row.name, row.setting, row.nfe, scores[metric]))
     return pd.concat(tables, ignore_index=True)
+
+
+def baseline_candidates(
+    unet: UNet2DModel,
+    alphas_cumprod: torch.Tensor,
+    images: torch.Tensor,
+    recon: Reconstructions,
+    timesteps: dict[str, list[int]],
+    cutoffs: list[float],
+    draws: int,
+    stride: int,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> tuple[list[Candidate], float]:
+    """Score every image with every baseline at every candidate setting.
+
+    Args:
+        unet, alphas_cumprod: the model under attack and its cumulative schedule.
+        images: every image of the manifest (N, C, H, W), in manifest order.
+        recon: reconstructions of the same images; SecMI-stat reads its states at t.
+        timesteps: candidate t per attack family: keys ``naive``, ``secmi``, ``pia``, ``sima``.
+        cutoffs: low-pass cutoffs of the frequency-filter variants.
+        draws: noise draws of the naive attack.
+        stride: DDIM stride of ``recon`` (SecMI's k).
+        seed: seed of the naive attack's noise; each t draws the same sequence as
+            :class:`fcre_utils.attacks.NaiveLossAttack` with this seed.
+
+    Returns:
+        The candidates, and the network passes per image that this function ran.
+    """
+    device = next(unet.parameters()).device
+    filters = [None, *cutoffs]
+    naive = {(t, c): [] for t in timesteps["naive"] for c in filters}
+    pia = {(t, normalized, c): [] for t in timesteps["pia"] for normalized in (False, True) for c in (filters if not normalized else [None])}
+    sima = {t: [] for t in timesteps["sima"]}
+    generators = {t: torch.Generator().manual_seed(seed) for t in timesteps["naive"]}
+    passes = 0
+
+    def eps(x: torch.Tensor, t: int) -> torch.Tensor:
+        nonlocal passes
+        passes += len(x)
+        return predict_noise(unet, x, t)
+
+    with torch.inference_mode():
+        for begin in range(0, len(images), batch_size):
+            x0 = images[begin : begin + batch_size].to(device)
+            for t in timesteps["naive"]:
+                totals = {c: np.zeros(len(x0)) for c in filters}
+                for _ in range(draws):
+                    x_t, noise = forward_noise(x0, t, alphas_cumprod, generators[t])
+                    prediction = eps(x_t, t)
+                    for c in filters:
+                        totals[c] += naive_error(noise, prediction, c)
+                for c in filters:
+                    naive[t, c].append(totals[c] / draws)
+
+            if timesteps["pia"]:
+                eps_0 = eps(x0, 0)
+                starts = {False: eps_0, True: gaussian_rescale(eps_0)}  # PIA, PIAN
+                for t in timesteps["pia"]:
+                    for normalized, start in starts.items():
+                        prediction = eps(pia_start(x0, start, t, alphas_cumprod), t)
+                        for c in [None] if normalized else filters:
+                            pia[t, normalized, c].append(pia_distance(start, prediction, c))
+
+            for t in timesteps["sima"]:
+                sima[t].append(sima_norm(eps(x0, t)))
+
+    candidates = []
+    for (t, c), parts in naive.items():
+        candidates.append(Candidate("naive_loss" + _suffix(c), f"t={t} draws={draws}" + _band(c), draws, t, *_edges(c), -np.concatenate(parts)))
+    for t in timesteps["secmi"]:
+        for c in filters:
+            error = secmi_error(recon.x_t[t], recon.x_t_roundtrip[t], c)
+            candidates.append(Candidate("secmi_stat" + _suffix(c), f"t={t} k={stride}" + _band(c), protocol_nfe("residual", t, stride), t, *_edges(c), -error))
+    for (t, normalized, c), parts in pia.items():
+        name = ("pian" if normalized else "pia") + _suffix(c)
+        candidates.append(Candidate(name, f"t={t}" + _band(c), 2, t, *_edges(c), -np.concatenate(parts)))
+    for t, parts in sima.items():
+        candidates.append(Candidate("sima", f"t={t}", 1, t, np.nan, np.nan, -np.concatenate(parts)))
+    return candidates, passes / len(images)
+
+
+def _suffix(cutoff: float | None) -> str:
+    return "" if cutoff is None else "_lowpass"
+
+
+def _band(cutoff: float | None) -> str:
+    return "" if cutoff is None else f" band={band_text(0.0, cutoff)}"
+
+
+def _edges(cutoff: float | None) -> tuple[float, float]:
+    return (np.nan, np.nan) if cutoff is None else (0.0, float(cutoff))
+
+
+def suite_candidates(params: Params) -> tuple[dict[str, list[int]], list[float], list[int], list[list[float]]]:
+    """Return the candidate settings the parameters allow.
+
+    With ``select_on_calibration`` every attack tries every t of ``timesteps``, every low-pass
+    cutoff and every FCRE band; without it each attack has one setting chosen by hand.
+
+    Returns:
+        Baseline timesteps per family, low-pass cutoffs, FCRE timesteps and FCRE bands.
+    """
+    if params.select_on_calibration:
+        every = list(params.timesteps)
+        families = {"naive": every, "secmi": every, "pia": every, "sima": every}
+        return families, list(params.lowpass_cutoffs), every, [list(b) for b in params.band_candidates]
+    families = {"naive": [params.naive_t], "secmi": [params.secmi_t], "pia": [params.pia_t], "sima": [params.sima_t]}
+    return families, [params.lowpass_cutoff], [params.fcre_t], [[params.band_low, params.band_high]]
+
+
+def run_suite(unet: UNet2DModel, alphas_cumprod: torch.Tensor, images: torch.Tensor, manifest: pd.DataFrame, params: Params, recon: Reconstructions | None = None) -> SuiteResult:
+    """Run every attack on every image of the manifest with settings chosen on calibration.
+
+    Args:
+        unet, alphas_cumprod: the model under attack and its cumulative schedule.
+        images: the manifest's images (N, C, H, W) in [-1, 1], in manifest order.
+        manifest: columns ``image_id``, ``member`` and ``split``.
+        params: candidate settings, stride, naive draws, seed and batch size.
+        recon: cached reconstructions of ``images`` with this model; computed when ``None``.
+    """
+    if len(images) != len(manifest):
+        raise ValueError(f"{len(images)} images for a manifest of {len(manifest)} rows; pass the manifest's images in order")
+    calibration, labels = calibration_labels(manifest)
+    families, cutoffs, fcre_timesteps, bands = suite_candidates(params)
+    if recon is None:
+        recon = reconstruct(unet, images, params.timesteps, params.ddim_stride, alphas_cumprod, params.score_batch_size, params.progress)
+    if len(recon.x0) != len(images):
+        raise ValueError(f"the reconstructions hold {len(recon.x0)} images but {len(images)} were given; reconstruct these images")
+
+    baselines, passes = baseline_candidates(unet, alphas_cumprod, images, recon, families, cutoffs, params.naive_draws,
+                                            params.ddim_stride, params.seed, params.score_batch_size)
+    baseline_table = rank_candidates(baselines, labels, calibration)
+    fcre_table = select_fcre_settings(recon, manifest, fcre_timesteps, bands, params.ddim_stride)
+    selection = pd.concat([baseline_table, fcre_table], ignore_index=True)
+
+    chosen = [c for c, selected in zip(baselines, baseline_table.selected) if selected]
+    scores = pd.concat(
+        [score_table(manifest, c.attack, c.setting, c.nfe, c.scores) for c in chosen]
+        + [fcre_scores_table(recon, manifest, fcre_table)],
+        ignore_index=True,
+    )
+    # one shared inversion to the largest t, then t / stride + 1 passes back from each t
+    reconstruction_passes = max(recon.nfe) // params.ddim_stride + sum(t // params.ddim_stride + 1 for t in recon.nfe)
+    log.info("scored %d images with %d attacks (%d candidate settings)", len(images), scores.attack.nunique(), len(selection))
+    return SuiteResult(scores, selection, passes, reconstruction_passes)
 
 
 def score_table(manifest: pd.DataFrame, attack: str, setting: str, nfe: int, scores: np.ndarray) -> pd.DataFrame:
@@ -114,3 +324,24 @@ def score_table(manifest: pd.DataFrame, attack: str, setting: str, nfe: int, sco
         "nfe": nfe,
         "score": scores,
     })
+
+
+def summarise(table: pd.DataFrame) -> str:
+    """Describe an attack table in two sentences: the strongest attack at low FPR, the weakest."""
+    ranked = table.sort_values(["tpr_at_0_1pct_fpr", "tpr_at_1pct_fpr", "auc"], ascending=False)
+    best, worst = ranked.iloc[0], ranked.iloc[-1]
+    return (
+        f"At the calibrated 0.1% FPR threshold, {best.attack} ({best.setting}, {best.nfe} NFE) finds "
+        f"{best.tpr_at_0_1pct_fpr:.1%} of the members [{best.tpr_at_0_1pct_fpr_low:.1%}, {best.tpr_at_0_1pct_fpr_high:.1%}], "
+        f"with AUC {best.auc:.3f}. The weakest, {worst.attack}, finds {worst.tpr_at_0_1pct_fpr:.1%} "
+        f"with AUC {worst.auc:.3f} [{worst.auc_low:.3f}, {worst.auc_high:.3f}]."
+    )
+
+
+def control_outliers(table: pd.DataFrame) -> pd.DataFrame:
+    """Return the rows of a control-model table whose AUC interval excludes 0.5.
+
+    A model that never saw the members gives no attack a real signal, so such a row points to
+    leakage between the splits or a scoring bug (or, at a 95% level, a chance excursion).
+    """
+    return table[(table.auc_low > 0.5) | (table.auc_high < 0.5)]

@@ -105,3 +105,101 @@ def test_ssim_chunks_match_scikit_image():
                                        use_sample_covariance=False) for i in range(count)]
     assert ours.shape == (count,)
     np.testing.assert_allclose(ours, reference, rtol=1e-10)
+
+
+def numpy_lowpass(x: np.ndarray, cutoff: float) -> np.ndarray:
+    """Reference low-pass with numpy: keep frequencies of normalised radius below ``cutoff``."""
+    fy = np.fft.fftfreq(x.shape[-2])[:, None] / 0.5
+    fx = np.fft.fftfreq(x.shape[-1])[None, :] / 0.5
+    mask = np.sqrt(fy**2 + fx**2) < cutoff
+    return np.fft.ifft2(np.fft.fft2(x) * mask).real
+
+
+def eps_of(unet, x, t):
+    with torch.no_grad():
+        return unet(x, torch.full((len(x),), t)).sample
+
+
+def test_secmi_formula(tiny_model):
+    unet, scheduler, _, images = tiny_model
+    x0 = images[:4]
+    a = scheduler.alphas_cumprod
+
+    def move(x, t_from, t_to):
+        eps = eps_of(unet, x, t_from)
+        return a[t_to].sqrt() * (x - (1 - a[t_from]).sqrt() * eps) / a[t_from].sqrt() + (1 - a[t_to]).sqrt() * eps
+
+    x_t = move(move(x0, 0, 20), 20, 40)  # DDIM inversion with k = 20
+    roundtrip = move(move(x_t, 40, 20), 20, 40)
+    expected = -((x_t - roundtrip) ** 2).mean(dim=(1, 2, 3)).numpy()
+    attack = attacks.SecMIAttack(t=40, stride=20, batch_size=3)
+    np.testing.assert_allclose(attack.score(unet, a, x0), expected, rtol=1e-4)
+    assert attack.nfe == 4
+
+    filtered = attacks.SecMIAttack(t=40, stride=20, cutoff=0.5)
+    difference = numpy_lowpass(x_t.double().numpy(), 0.5) - numpy_lowpass(roundtrip.double().numpy(), 0.5)
+    np.testing.assert_allclose(filtered.score(unet, a, x0), -(difference**2).mean(axis=(1, 2, 3)), rtol=1e-4)
+    assert filtered.name == "secmi_stat_lowpass"
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+def test_pia_formula(tiny_model, normalized):
+    unet, scheduler, _, images = tiny_model
+    x0 = images[:5]
+    a = scheduler.alphas_cumprod[30]
+    eps_0 = eps_of(unet, x0, 0).double().numpy()
+    if normalized:
+        eps_0 = eps_0 / np.abs(eps_0).mean(axis=(1, 2, 3), keepdims=True) * np.sqrt(2 / np.pi)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * torch.from_numpy(eps_0).float()
+    prediction = eps_of(unet, x_t, 30).double().numpy()
+    expected = -((prediction - eps_0) ** 4).mean(axis=(1, 2, 3))
+
+    attack = attacks.PIAAttack(t=30, normalized=normalized, batch_size=2)
+    np.testing.assert_allclose(attack.score(unet, scheduler.alphas_cumprod, x0), expected, rtol=1e-4)
+    assert attack.name == ("pian" if normalized else "pia")
+    assert attack.nfe == 2
+
+
+def test_pian_noise_has_gaussian_magnitude():
+    eps = torch.randn(3, 1, 8, 8) * torch.tensor([0.1, 1.0, 5.0]).view(3, 1, 1, 1)
+    rescaled = attacks.gaussian_rescale(eps)
+    np.testing.assert_allclose(rescaled.abs().mean(dim=(1, 2, 3)).numpy(), np.sqrt(2 / np.pi), rtol=1e-6)
+
+
+def test_pia_lowpass_formula(tiny_model):
+    unet, scheduler, _, images = tiny_model
+    x0 = images[:3]
+    a = scheduler.alphas_cumprod[30]
+    eps_0 = eps_of(unet, x0, 0)
+    prediction = eps_of(unet, a.sqrt() * x0 + (1 - a).sqrt() * eps_0, 30)
+    difference = numpy_lowpass(prediction.double().numpy(), 0.25) - numpy_lowpass(eps_0.double().numpy(), 0.25)
+    attack = attacks.PIAAttack(t=30, cutoff=0.25)
+    np.testing.assert_allclose(attack.score(unet, scheduler.alphas_cumprod, x0), -(difference**4).mean(axis=(1, 2, 3)), rtol=1e-4)
+
+
+def test_sima_formula(tiny_model):
+    unet, scheduler, _, images = tiny_model
+    x0 = images[:5]
+    expected = -np.linalg.norm(eps_of(unet, x0, 25).double().numpy().reshape(5, -1), axis=1)
+    attack = attacks.SimAAttack(t=25, batch_size=2)
+    np.testing.assert_allclose(attack.score(unet, scheduler.alphas_cumprod, x0), expected, rtol=1e-5)
+    assert attack.nfe == 1
+
+
+def test_naive_lowpass_formula(tiny_model):
+    unet, scheduler, _, images = tiny_model
+    x0 = images[:4]
+    generator = torch.Generator().manual_seed(5)
+    noise = torch.randn(x0.shape, generator=generator)
+    a = scheduler.alphas_cumprod[50]
+    prediction = eps_of(unet, a.sqrt() * x0 + (1 - a).sqrt() * noise, 50)
+    difference = numpy_lowpass(prediction.double().numpy(), 0.5) - numpy_lowpass(noise.double().numpy(), 0.5)
+    attack = attacks.NaiveLossAttack(t=50, draws=1, seed=5, cutoff=0.5)
+    np.testing.assert_allclose(attack.score(unet, scheduler.alphas_cumprod, x0), -(difference**2).mean(axis=(1, 2, 3)), rtol=1e-4)
+    assert attack.name == "naive_loss_lowpass"
+
+
+def test_lowpass_above_corner_keeps_image():
+    images = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(attacks.lowpass(images, 1.5), images)
+    assert attacks.lowpass(images, None) is images

@@ -217,3 +217,27 @@ def test_truncated_npz_named(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ValueError, match="broken.npz.*truncated"):
         data.load_npz_images(path)
+
+
+def test_control_disjoint_and_sized():
+    hashes = np.array([f"{i:064x}" for i in range(30)])
+    manifest = data.make_splits(hashes, 5, 10, 0.2, seed=1)
+    control = data.draw_control(hashes, manifest, 5, seed=1)
+    assert len(control) == 5
+    assert not set(control.sha256) & set(manifest.sha256)
+    assert list(control.sha256) == [hashes[i] for i in control.image_id]
+
+
+def test_control_follows_seeded_ranking():
+    hashes = np.array([f"{i:064x}" for i in range(30)])
+    manifest = data.make_splits(hashes, 5, 10, 0.2, seed=1)
+    control = data.draw_control(hashes, manifest, 5, seed=1)
+    order = data.seeded_order(hashes, seed=1)
+    assert list(control.image_id) == [int(i) for i in order[15:20]]
+
+
+def test_control_larger_than_rest_rejected():
+    hashes = np.array([f"{i:064x}" for i in range(20)])
+    manifest = data.make_splits(hashes, 5, 10, 0.2, seed=1)
+    with pytest.raises(ValueError, match="control set needs 6 images .* only 5 remain"):
+        data.draw_control(hashes, manifest, 6, seed=1)

@@ -104,15 +104,149 @@ def test_length_mismatch_rejected():
         metrics.attack_metrics(np.array([1, 0], bool), np.array([0.1, 0.2, 0.3]))
 
 
-def test_metrics_table_uses_one_split(separable):
+def score_frame(labels, scores, split):
+    return pd.DataFrame({"attack": "a", "setting": "s", "nfe": 3, "member": labels, "split": split, "score": scores})
+
+
+def test_threshold_at_fpr_is_conservative():
+    labels = np.array([1, 1, 1, 0, 0, 0, 0], bool)
+    scores = np.array([9.0, 5.0, 2.0, 6.0, 3.0, 1.0, 0.0])
+    strict = metrics.threshold_at_fpr(labels, scores, 0.2)  # no non-member may be flagged
+    assert 6.0 < strict < 9.0
+    assert metrics.rates_at(labels, scores, strict) == (0.0, pytest.approx(1 / 3))
+    loose = metrics.threshold_at_fpr(labels, scores, 0.25)  # one of four non-members may be flagged
+    assert 3.0 < loose < 5.0
+    assert metrics.rates_at(labels, scores, loose) == (0.25, pytest.approx(2 / 3))
+
+
+def test_threshold_ignores_member_scores():
+    labels = np.array([1, 1, 0, 0, 0], bool)
+    first = metrics.threshold_at_fpr(labels, np.array([9.0, 8.0, 2.0, 1.0, 0.0]), 0.01)
+    second = metrics.threshold_at_fpr(labels, np.array([2.5, -4.0, 2.0, 1.0, 0.0]), 0.01)
+    assert first == second
+
+
+def test_threshold_without_point_below_target():
+    labels = np.array([1, 0, 1, 0], bool)
+    scores = np.array([1.0, 2.0, 0.5, 0.1])  # the top score is a non-member
+    threshold = metrics.threshold_at_fpr(labels, scores, 0.01)
+    assert threshold > 2.0
+    assert metrics.rates_at(labels, scores, threshold) == (0.0, 0.0)
+
+
+def test_threshold_never_splits_tie():
+    labels = np.array([1, 1, 0, 0, 0, 0], bool)
+    scores = np.array([5.0, 3.0, 3.0, 1.0, 0.0, -1.0])  # a member and a non-member tie at 3
+    threshold = metrics.threshold_at_fpr(labels, scores, 0.2)
+    assert metrics.rates_at(labels, scores, threshold) == (0.0, 0.5)
+
+
+def test_threshold_at_full_fpr_flags_everything():
+    labels = np.array([1, 0, 0], bool)
+    assert metrics.threshold_at_fpr(labels, np.array([0.0, 1.0, 2.0]), 1.0) == -np.inf
+
+
+def test_calibrated_thresholds_come_from_calibration():
+    calibration = (np.array([1, 1, 0, 0, 0, 0], bool), np.array([4.0, 3.0, 2.0, 1.0, 0.0, -1.0]))
+    # on evaluation data alone a threshold of 10 would be perfect; calibration puts it just above 2
+    evaluation = (np.array([1, 1, 0, 0], bool), np.array([11.0, 10.0, 5.0, 1.5]))
+    result = metrics.calibrated_metrics(calibration, evaluation)
+    assert result["tpr_at_1pct_fpr"] == 1.0
+    assert result["fpr_at_1pct_threshold"] == 0.5
+    assert result["asr"] == 0.75
+    assert result["auc"] == 1.0
+
+
+def test_oracle_reads_evaluation_roc():
+    calibration = (np.array([1, 1, 0, 0, 0, 0], bool), np.array([4.0, 3.0, 2.0, 1.0, 0.0, -1.0]))
+    evaluation = (np.array([1, 1, 0, 0], bool), np.array([11.0, 10.0, 5.0, 1.5]))
+    table = metrics.attack_table(pd.concat([
+        score_frame(*calibration, "calibration"), score_frame(*evaluation, "evaluation")]), resamples=20)
+    assert table.oracle_tpr_at_1pct_fpr.iloc[0] == 1.0
+    assert table.oracle_asr.iloc[0] == 1.0
+    assert table.tpr_at_1pct_fpr.iloc[0] == 1.0
+    assert table.fpr_at_1pct_threshold.iloc[0] == 0.5
+
+
+def test_table_values_lie_on_plotted_roc(separable):
     labels, scores = separable
     split = np.where(np.arange(len(labels)) % 4 == 0, "calibration", "evaluation")
-    table = pd.DataFrame({"attack": "a", "setting": "s", "nfe": 3, "member": labels, "split": split, "score": scores})
-    row = metrics.metrics_table(table, "evaluation").iloc[0]
+    row = metrics.attack_table(score_frame(labels, scores, split), resamples=50).iloc[0]
+    evaluation = split == "evaluation"
+    fpr, tpr, _ = metrics.roc(labels[evaluation], scores[evaluation])
+    for name, target in metrics.FPR_TARGETS.items():
+        assert row[f"oracle_{name}"] == metrics.tpr_at_fpr(fpr, tpr, target)
+        point = (row[name.replace("tpr_at_", "fpr_at_").replace("_fpr", "_threshold")], row[name])
+        assert np.any((fpr == point[0]) & (tpr == point[1])), name
+
+
+def test_attack_table_uses_evaluation_sizes(separable):
+    labels, scores = separable
+    split = np.where(np.arange(len(labels)) % 4 == 0, "calibration", "evaluation")
+    row = metrics.attack_table(score_frame(labels, scores, split), resamples=50).iloc[0]
     evaluation = split == "evaluation"
     assert row.auc == pytest.approx(roc_auc_score(labels[evaluation], scores[evaluation]))
     assert row.n_members + row.n_nonmembers == evaluation.sum()
     assert row.nfe == 3
+
+
+def test_attack_table_needs_calibration_scores(separable):
+    labels, scores = separable
+    with pytest.raises(ValueError, match="attack 'a' has no scores on the calibration split"):
+        metrics.attack_table(score_frame(labels, scores, "evaluation"), resamples=20)
+
+
+def test_bootstrap_intervals_contain_estimate(separable):
+    labels, scores = separable
+    calibration = (labels[::2], scores[::2])
+    evaluation = (labels[1::2], scores[1::2])
+    intervals = metrics.bootstrap_intervals(calibration, evaluation, resamples=200, seed=1)
+    point = metrics.calibrated_metrics(calibration, evaluation)
+    for name in metrics.CALIBRATED:
+        low, high = intervals[name]
+        assert low <= point[name] <= high, name
+        assert low < high, name
+
+
+def test_bootstrap_auc_interval_matches_delong(separable):
+    labels, scores = separable
+    low, high = metrics.bootstrap_intervals((labels, scores), (labels, scores), resamples=400, seed=0)["auc"]
+    # DeLong's variance: the AUC's placement values of each class, variance over its size
+    members, nonmembers = scores[labels], scores[~labels]
+    wins = (members[:, None] > nonmembers[None, :]) + 0.5 * (members[:, None] == nonmembers[None, :])
+    variance = wins.mean(axis=1).var(ddof=1) / len(members) + wins.mean(axis=0).var(ddof=1) / len(nonmembers)
+    assert (high - low) == pytest.approx(2 * 1.96 * np.sqrt(variance), rel=0.2)
+
+
+def test_bootstrap_is_seeded(separable):
+    labels, scores = separable
+    first = metrics.bootstrap_intervals((labels, scores), (labels, scores), resamples=50, seed=3)
+    second = metrics.bootstrap_intervals((labels, scores), (labels, scores), resamples=50, seed=3)
+    assert first == second
+
+
+def test_bootstrap_perfect_attack():
+    labels = np.r_[np.ones(10, bool), np.zeros(30, bool)]
+    scores = np.r_[np.arange(10) + 100.0, np.arange(30.0)]
+    intervals = metrics.bootstrap_intervals((labels, scores), (labels, scores), resamples=50)
+    assert intervals["auc"] == pytest.approx((1.0, 1.0))
+    assert intervals["tpr_at_0_1pct_fpr"] == pytest.approx((1.0, 1.0))
+
+
+def test_bootstrap_needs_resamples(separable):
+    labels, scores = separable
+    with pytest.raises(ValueError, match="resamples=1 must be at least 2"):
+        metrics.bootstrap_intervals((labels, scores), (labels, scores), resamples=1)
+
+
+def test_format_table_shows_intervals(separable):
+    labels, scores = separable
+    split = np.where(np.arange(len(labels)) % 4 == 0, "calibration", "evaluation")
+    table = metrics.attack_table(score_frame(labels, scores, split), resamples=50)
+    shown = metrics.format_table(table)
+    row = table.iloc[0]
+    assert shown["AUC"].iloc[0] == f"{row.auc:.3f} [{row.auc_low:.3f}, {row.auc_high:.3f}]"
+    assert list(shown.columns[:4]) == ["attack", "setting", "NFE", "AUC"]
 
 
 def test_ring_auc_orientation():

@@ -12,6 +12,8 @@ from fcre_utils.runner import parse_overrides
 
 pytestmark = pytest.mark.slow
 
+ATTACKS = {"naive_loss", "naive_loss_lowpass", "secmi_stat", "secmi_stat_lowpass", "pia", "pia_lowpass", "pian", "sima"} | {
+    f"fcre_{metric}_{protocol}" for metric in ("ssim", "l2", "l2_ssim") for protocol in ("x0", "residual")}
 METRIC_COLUMNS = ["attack", "auc", "asr", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "n_members", "n_nonmembers", "nfe"]
 
 
@@ -30,7 +32,8 @@ def smoke_run(npz_dataset, tmp_path_factory):
 def test_run_directory_contents(smoke_run):
     run_dir, _ = smoke_run
     for name in ["params.yaml", "environment.yaml", "manifest.csv", "training_log.csv", "reconstructions.pt",
-                 "fcre_selection.csv", "scores.csv", "metrics.csv", "notebook_times.csv", "model/unet/config.json",
+                 "selection.csv", "scores.csv", "metrics.csv", "metrics.md", "notebook_times.csv", "model/unet/config.json",
+                 "control_manifest.csv", "control_model/unet/config.json", "control_metrics.csv", "control_scores.csv",
                  "01_train_ddpm.ipynb", "02_reconstruction.ipynb", "03_frequency_analysis.ipynb", "04_attack.ipynb"]:
         assert (run_dir / name).exists(), name
 
@@ -38,17 +41,27 @@ def test_run_directory_contents(smoke_run):
 def test_figures_written(smoke_run):
     run_dir, _ = smoke_run
     figures = {p.stem for p in (run_dir / "figures").glob("*.png")}
-    assert {"01_loss_curve", "01_samples", "02_reconstruction_members", "03_spectra", "03_error_by_ring", "04_roc"} <= figures
+    assert {"01_loss_curve", "01_control_loss_curve", "01_samples", "02_reconstruction_members", "03_spectra",
+            "03_error_by_ring", "04_roc", "04_score_histograms"} <= figures
 
 
 def test_metrics_table(smoke_run):
     run_dir, result = smoke_run
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert set(METRIC_COLUMNS) <= set(metrics.columns)
-    assert set(metrics.attack) == {"fcre_ssim", "fcre_l2", "fcre_l2_ssim", "naive_loss"}
+    assert set(metrics.attack) == ATTACKS
     assert metrics.auc.between(0, 1).all()
+    assert (metrics.auc_low <= metrics.auc_high).all()
     assert (metrics.n_members == 12).all()
-    assert "fcre_ssim" in result.stdout
+    assert "fcre_ssim_x0" in result.stdout
+
+
+def test_control_table(smoke_run):
+    run_dir, _ = smoke_run
+    control = pd.read_csv(run_dir / "control_metrics.csv")
+    assert set(control.attack) == ATTACKS
+    summary = (run_dir / "summary.md").read_text()
+    assert "Attacks on the control model" in summary
 
 
 def test_scores_table(smoke_run):
@@ -56,7 +69,7 @@ def test_scores_table(smoke_run):
     scores = pd.read_csv(run_dir / "scores.csv")
     manifest = pd.read_csv(run_dir / "manifest.csv")
     assert list(scores.columns) == ["image_id", "member", "split", "attack", "setting", "nfe", "score"]
-    assert len(scores) == 4 * len(manifest)
+    assert len(scores) == len(ATTACKS) * len(manifest)
     assert scores.groupby("attack").image_id.apply(set).map(lambda ids: ids == set(manifest.image_id)).all()
 
 
@@ -104,8 +117,8 @@ def test_failed_notebook_kept(tmp_path, npz_dataset):
 
 
 def test_overrides_typed():
-    overrides = parse_overrides(["epochs=5", "band_low=0.2", "timesteps=[50, 100]", "fcre_protocol=x0", "attention=false"])
-    assert overrides == {"epochs": 5, "band_low": 0.2, "timesteps": [50, 100], "fcre_protocol": "x0", "attention": False}
+    overrides = parse_overrides(["epochs=5", "band_low=0.2", "timesteps=[50, 100]", "dataset=pneumoniamnist", "attention=false"])
+    assert overrides == {"epochs": 5, "band_low": 0.2, "timesteps": [50, 100], "dataset": "pneumoniamnist", "attention": False}
 
 
 def test_override_without_value_rejected():

@@ -44,12 +44,12 @@ def test_manifest_images_in_order(run):
 
 def test_changed_data_detected(tmp_path):
     dataset = tmp_path / "images.npz"
-    np.savez(dataset, images=synthetic_images(60))
+    np.savez(dataset, images=synthetic_images(80))
     run_dir = tmp_path / "run"
     params = runs.start_run(run_dir, "smoke", {"dataset": str(dataset)})
     manifest = runs.create_manifest(run_dir, params)
 
-    changed = synthetic_images(60)
+    changed = synthetic_images(80)
     first = int(manifest.image_id.iloc[0])
     changed[first] = 255 - changed[first]
     np.savez(dataset, images=changed)
@@ -118,3 +118,31 @@ def test_figure_never_overwritten(tmp_path):
     with pytest.raises(FileExistsError, match="once.png"):
         plotting.save_figure(fig, tmp_path, "once")
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["once.png"]
+
+
+def test_control_images_written(run):
+    run_dir, params = run
+    manifest = runs.create_manifest(run_dir, params)
+    control = pd.read_csv(run_dir / "control_manifest.csv")
+    assert len(control) == params.n_members
+    assert not set(control.sha256) & set(manifest.sha256)
+    assert runs.load_control_images(run_dir, params).shape == (params.n_members, 1, 32, 32)
+
+
+def test_control_overlap_detected(run):
+    run_dir, params = run
+    manifest = runs.create_manifest(run_dir, params)
+    control = pd.read_csv(run_dir / "control_manifest.csv")
+    control.iloc[0] = manifest[["image_id", "sha256"]].iloc[0]
+    control.to_csv(run_dir / "control_manifest.csv", index=False)
+    with pytest.raises(ValueError, match="1 control images are also members or non-members"):
+        runs.load_control_images(run_dir, params)
+
+
+def test_no_control_without_flag(tmp_path, npz_dataset):
+    run_dir = tmp_path / "run"
+    params = runs.start_run(run_dir, "smoke", {"dataset": str(npz_dataset), "train_control": False})
+    runs.create_manifest(run_dir, params)
+    assert not (run_dir / "control_manifest.csv").exists()
+    with pytest.raises(FileNotFoundError, match="train_control=true"):
+        runs.load_control_images(run_dir, params)

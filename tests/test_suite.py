@@ -3,7 +3,8 @@ import pandas as pd
 import pytest
 import torch
 
-from fcre_utils import attacks, suite
+from fcre_utils import attacks, reconstruction, suite
+from fcre_utils.presets import resolve_params
 from fcre_utils.reconstruction import Reconstructions
 
 
@@ -26,61 +27,69 @@ def fake_reconstructions(n_members=12, n_nonmembers=28, seed=0):
 
 
 BANDS = [[0.0, 0.5], [0.5, 1.5]]
+FCRE_ATTACKS = {f"fcre_{m}_{p}" for m in ("ssim", "l2", "l2_ssim") for p in ("x0", "residual")}
 
 
 def test_selection_covers_grid():
     recon, manifest = fake_reconstructions()
-    table = suite.select_fcre_settings(recon, manifest, BANDS, stride=10)
+    table = suite.select_fcre_settings(recon, manifest, [10, 20], BANDS, stride=10)
     assert len(table) == 2 * 2 * 2 * 3
-    assert table.selected.sum() == 3
-    assert set(table[table.selected].metric) == {"ssim", "l2", "l2_ssim"}
+    assert table.selected.sum() == 6
+    assert set(table[table.selected].attack) == FCRE_ATTACKS
 
 
 def test_selection_uses_calibration_only():
     recon, manifest = fake_reconstructions()
-    before = suite.select_fcre_settings(recon, manifest, BANDS, stride=10)
+    before = suite.select_fcre_settings(recon, manifest, [10, 20], BANDS, stride=10)
     evaluation = torch.from_numpy(manifest.split.to_numpy() == "evaluation")
     for t in recon.x0_recon:
         recon.x0_recon[t][evaluation] = torch.randn_like(recon.x0_recon[t][evaluation])
         recon.x_t_roundtrip[t][evaluation] = torch.randn_like(recon.x_t_roundtrip[t][evaluation])
-    after = suite.select_fcre_settings(recon, manifest, BANDS, stride=10)
+    after = suite.select_fcre_settings(recon, manifest, [10, 20], BANDS, stride=10)
     pd.testing.assert_frame_equal(before, after)
 
 
 def test_selected_row_is_best_calibration_auc():
     recon, manifest = fake_reconstructions()
-    table = suite.select_fcre_settings(recon, manifest, BANDS, stride=10)
-    for metric, group in table.groupby("metric"):
-        assert group[group.selected].auc.iloc[0] == group.auc.max()
+    table = suite.select_fcre_settings(recon, manifest, [10, 20], BANDS, stride=10)
+    for attack, group in table.groupby("attack"):
+        assert group[group.selected].auc.iloc[0] == group.auc.max(), attack
 
 
 def test_selection_needs_both_classes():
     recon, manifest = fake_reconstructions()
     manifest.loc[manifest.member, "split"] = "evaluation"
     with pytest.raises(ValueError, match="calibration split needs members and non-members"):
-        suite.select_fcre_settings(recon, manifest, BANDS, stride=10)
+        suite.select_fcre_settings(recon, manifest, [10, 20], BANDS, stride=10)
+
+
+def test_selection_rejects_uncached_timestep():
+    recon, manifest = fake_reconstructions()
+    with pytest.raises(ValueError, match=r"timesteps \[30\] are not in the cached reconstructions"):
+        suite.select_fcre_settings(recon, manifest, [10, 30], BANDS, stride=10)
 
 
 def test_scores_table_matches_direct_scoring():
     recon, manifest = fake_reconstructions()
-    settings = suite.fixed_fcre_settings("x0", 20, (0.0, 0.5), stride=10)
-    scores = suite.fcre_scores_table(recon, manifest, settings)
-    ssim = scores[scores.attack == "fcre_ssim"].score.to_numpy()
+    selection = suite.select_fcre_settings(recon, manifest, [20], [[0.0, 0.5]], stride=10)
+    scores = suite.fcre_scores_table(recon, manifest, selection)
+    ssim = scores[scores.attack == "fcre_ssim_x0"].score.to_numpy()
     np.testing.assert_allclose(ssim, attacks.fcre_scores(recon.x0, recon.x0_recon[20], 0.0, 0.5, "ssim"))
-    assert set(scores.nfe) == {4}
-    assert len(scores) == 3 * len(manifest)
+    assert set(scores[scores.attack.str.endswith("_x0")].nfe) == {4}
+    assert set(scores[scores.attack.str.endswith("_residual")].nfe) == {4}
+    assert len(scores) == 6 * len(manifest)
 
 
 def test_l2_weight_fit_on_calibration():
     recon, manifest = fake_reconstructions()
-    settings = suite.fixed_fcre_settings("residual", 10, (0.0, 0.5), stride=10)
-    scores = suite.fcre_scores_table(recon, manifest, settings)
+    selection = suite.select_fcre_settings(recon, manifest, [10], [[0.0, 0.5]], stride=10)
+    scores = suite.fcre_scores_table(recon, manifest, selection)
     calibration = (manifest.split == "calibration").to_numpy()
     original, reconstruction = suite.protocol_pair(recon, "residual", 10)
     ssim = attacks.fcre_scores(original, reconstruction, 0.0, 0.5, "ssim")
     l2 = attacks.fcre_scores(original, reconstruction, 0.0, 0.5, "l2")
     weight = attacks.balance_l2_weight(ssim[calibration], l2[calibration])
-    combined = scores[scores.attack == "fcre_l2_ssim"].score.to_numpy()
+    combined = scores[scores.attack == "fcre_l2_ssim_residual"].score.to_numpy()
     np.testing.assert_allclose(combined, ssim + weight * l2)
 
 
@@ -93,3 +102,117 @@ def test_unknown_protocol_rejected():
     recon, _ = fake_reconstructions()
     with pytest.raises(ValueError, match="unknown protocol 'both'"):
         suite.protocol_pair(recon, "both", 10)
+
+
+def test_rank_ignores_evaluation_rows():
+    labels = np.array([True, True, False, False])
+    rows = np.array([True, False, True, False, True, False, True, False])
+    good = suite.Candidate("a", "good", 1, 10, np.nan, np.nan, np.array([3.0, 0, 3, 0, 1, 9, 0, 9]))
+    poor = suite.Candidate("a", "poor", 1, 20, np.nan, np.nan, np.array([0.0, 9, 1, 9, 3, 0, 2, 0]))
+    table = suite.rank_candidates([good, poor], labels, rows)
+    assert table.set_index("setting").selected.to_dict() == {"good": True, "poor": False}
+
+
+def test_rank_breaks_ties_by_nfe():
+    labels = np.array([True, False])
+    costly = suite.Candidate("a", "costly", 8, 10, np.nan, np.nan, np.array([1.0, 0.0]))
+    cheap = suite.Candidate("a", "cheap", 2, 20, np.nan, np.nan, np.array([1.0, 0.0]))
+    table = suite.rank_candidates([costly, cheap], labels)
+    assert table.set_index("setting").selected.to_dict() == {"costly": False, "cheap": True}
+
+
+@pytest.fixture(scope="module")
+def suite_inputs(tiny_model):
+    unet, scheduler, _, images = tiny_model
+    n = len(images)
+    manifest = pd.DataFrame({
+        "image_id": np.arange(n),
+        "member": np.arange(n) % 3 == 0,
+        "split": np.where(np.arange(n) % 2 == 0, "calibration", "evaluation"),
+    })
+    params = resolve_params("smoke", {"timesteps": [20, 40], "ddim_stride": 20, "naive_draws": 2, "seed": 4,
+                                      "lowpass_cutoffs": [0.5], "score_batch_size": 7})
+    recon = reconstruction.reconstruct(unet, images, params.timesteps, params.ddim_stride, scheduler.alphas_cumprod,
+                                       batch_size=7, progress=False)
+    result = suite.run_suite(unet, scheduler.alphas_cumprod, images, manifest, params, recon)
+    return unet, scheduler, images, manifest, params, recon, result
+
+
+def chosen_scores(result, attack):
+    part = result.scores[result.scores.attack == attack]
+    return part.setting.iloc[0], part.score.to_numpy()
+
+
+def chosen_t(result, attack):
+    selected = result.selection[result.selection.selected].set_index("attack")
+    return int(selected.loc[attack, "t"])
+
+
+@pytest.mark.parametrize("attack_name, build", [
+    ("naive_loss", lambda t, p: attacks.NaiveLossAttack(t=t, draws=2, seed=4, batch_size=7)),
+    ("naive_loss_lowpass", lambda t, p: attacks.NaiveLossAttack(t=t, draws=2, seed=4, cutoff=0.5, batch_size=7)),
+    ("secmi_stat", lambda t, p: attacks.SecMIAttack(t=t, stride=20, batch_size=7)),
+    ("secmi_stat_lowpass", lambda t, p: attacks.SecMIAttack(t=t, stride=20, cutoff=0.5, batch_size=7)),
+    ("pia", lambda t, p: attacks.PIAAttack(t=t, batch_size=7)),
+    ("pia_lowpass", lambda t, p: attacks.PIAAttack(t=t, cutoff=0.5, batch_size=7)),
+    ("pian", lambda t, p: attacks.PIAAttack(t=t, normalized=True, batch_size=7)),
+    ("sima", lambda t, p: attacks.SimAAttack(t=t, batch_size=7)),
+])
+def test_suite_matches_attack_classes(suite_inputs, attack_name, build):
+    unet, scheduler, images, _, params, _, result = suite_inputs
+    t = chosen_t(result, attack_name)
+    attack = build(t, params)
+    _, scores = chosen_scores(result, attack_name)
+    np.testing.assert_allclose(scores, attack.score(unet, scheduler.alphas_cumprod, images), rtol=1e-5, atol=1e-9)
+    assert set(result.scores[result.scores.attack == attack_name].nfe) == {attack.nfe}
+
+
+def test_suite_lists_every_attack(suite_inputs):
+    *_, result = suite_inputs
+    expected = {"naive_loss", "naive_loss_lowpass", "secmi_stat", "secmi_stat_lowpass", "pia", "pia_lowpass", "pian", "sima"}
+    assert set(result.scores.attack) == expected | FCRE_ATTACKS
+    assert result.selection.groupby("attack").selected.sum().eq(1).all()
+
+
+def test_suite_shares_network_passes(suite_inputs):
+    *_, params, recon, result = suite_inputs
+    # eps_theta(x0, 0) once, then per t: the naive draws, PIA, PIAN and SimA
+    assert result.baseline_passes == 1 + len(params.timesteps) * (params.naive_draws + 2 + 1)
+    # inversion to 40 in two steps, then 40/20 + 1 and 20/20 + 1 passes back
+    assert result.reconstruction_passes == 2 + 3 + 2
+
+
+def test_suite_fixed_settings(suite_inputs):
+    unet, scheduler, images, manifest, params, recon, _ = suite_inputs
+    fixed = resolve_params("smoke", {"timesteps": [20, 40], "ddim_stride": 20, "select_on_calibration": False,
+                                     "naive_t": 20, "secmi_t": 40, "pia_t": 30, "sima_t": 10, "fcre_t": 20})
+    result = suite.run_suite(unet, scheduler.alphas_cumprod, images, manifest, fixed, recon)
+    assert len(result.selection) == 8 + 6
+    settings = result.selection.set_index("attack").t.to_dict()
+    for attack, t in {"naive_loss": 20, "secmi_stat": 40, "pia": 30, "sima": 10, "fcre_ssim_x0": 20}.items():
+        assert settings[attack] == t, attack
+
+
+def test_suite_rejects_misaligned_images(suite_inputs):
+    unet, scheduler, images, manifest, params, recon, _ = suite_inputs
+    with pytest.raises(ValueError, match="23 images for a manifest of 24 rows"):
+        suite.run_suite(unet, scheduler.alphas_cumprod, images[:-1], manifest, params, recon)
+
+
+def table_row(**values):
+    base = {"attack": "a", "setting": "s", "nfe": 1, "auc": 0.5, "auc_low": 0.4, "auc_high": 0.6,
+            "tpr_at_0_1pct_fpr": 0.0, "tpr_at_0_1pct_fpr_low": 0.0, "tpr_at_0_1pct_fpr_high": 0.0, "tpr_at_1pct_fpr": 0.0}
+    return {**base, **values}
+
+
+def test_control_outliers():
+    table = pd.DataFrame([table_row(attack="fine"), table_row(attack="leaky", auc=0.8, auc_low=0.7, auc_high=0.9),
+                          table_row(attack="inverted", auc=0.2, auc_low=0.1, auc_high=0.3)])
+    assert list(suite.control_outliers(table).attack) == ["leaky", "inverted"]
+
+
+def test_summarise_names_best_and_worst():
+    table = pd.DataFrame([table_row(attack="strong", auc=0.99, tpr_at_0_1pct_fpr=0.8), table_row(attack="weak")])
+    text = suite.summarise(table)
+    assert text.startswith("At the calibrated 0.1% FPR threshold, strong")
+    assert "The weakest, weak, finds 0.0%" in text
