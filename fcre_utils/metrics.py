@@ -41,10 +41,16 @@ def _check(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarr
     if labels.shape != scores.shape or labels.ndim != 1:
         raise ValueError(f"labels {labels.shape} and scores {scores.shape} must be 1-D of equal length")
     if not np.isfinite(scores).all():
-        bad = int((~np.isfinite(scores)).sum())
-        raise ValueError(f"{bad} scores are NaN or infinite; check the attack's inputs")
+        bad = ~np.isfinite(scores)
+        raise ValueError(
+            f"{int(bad.sum())} scores are NaN or infinite (first at index {int(np.argmax(bad))}, value {scores[bad][0]}); "
+            "check the attack's inputs for NaN pixels or a diverged model"
+        )
     if labels.all() or not labels.any():
-        raise ValueError("labels hold a single class; metrics need both members and non-members")
+        raise ValueError(
+            f"labels hold a single class ({int(labels.sum())} members, {int((~labels).sum())} non-members); "
+            "metrics need both members and non-members"
+        )
     return labels, scores
 
 

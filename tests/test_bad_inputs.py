@@ -309,7 +309,7 @@ def test_constant_scores_give_chance():
 def test_single_class_labels():
     with pytest.raises(ValueError) as error:
         metrics.attack_metrics(np.ones(6, dtype=bool), np.arange(6.0))
-    assert "single class" in str(error.value)
+    assert "single class (6 members, 0 non-members)" in str(error.value)
     assert "both members and non-members" in str(error.value)
 
 

@@ -95,7 +95,7 @@ def test_single_class_rejected():
 
 
 def test_nan_scores_rejected():
-    with pytest.raises(ValueError, match="1 scores are NaN"):
+    with pytest.raises(ValueError, match=r"1 scores are NaN or infinite \(first at index 1, value nan\)"):
         metrics.attack_metrics(np.array([1, 0, 1], bool), np.array([0.1, np.nan, 0.3]))
 
 
