@@ -32,6 +32,7 @@ from .reconstruction import Reconstructions, forward_noise, predict_noise, proto
 
 log = logging.getLogger(__name__)
 
+BASELINES = ("naive_loss", "naive_loss_lowpass", "secmi_stat", "secmi_stat_lowpass", "pia", "pia_lowpass", "pian", "sima")  # table order
 RANKING = (["auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "nfe"], [False, False, False, True])
 
 
@@ -301,7 +302,7 @@ def run_suite(unet: UNet2DModel, alphas_cumprod: torch.Tensor, images: torch.Ten
     fcre_table = select_fcre_settings(recon, manifest, fcre_timesteps, bands, params.ddim_stride)
     selection = pd.concat([baseline_table, fcre_table], ignore_index=True)
 
-    chosen = [c for c, selected in zip(baselines, baseline_table.selected) if selected]
+    chosen = sorted((c for c, selected in zip(baselines, baseline_table.selected) if selected), key=lambda c: BASELINES.index(c.attack))
     scores = pd.concat(
         [score_table(manifest, c.attack, c.setting, c.nfe, c.scores) for c in chosen]
         + [fcre_scores_table(recon, manifest, fcre_table)],
@@ -327,13 +328,19 @@ def score_table(manifest: pd.DataFrame, attack: str, setting: str, nfe: int, sco
 
 
 def summarise(table: pd.DataFrame) -> str:
-    """Describe an attack table in two sentences: the strongest attack at low FPR, the weakest."""
-    ranked = table.sort_values(["tpr_at_0_1pct_fpr", "tpr_at_1pct_fpr", "auc"], ascending=False)
+    """Describe an attack table in two or three sentences: the strongest attacks at low FPR, the weakest."""
+    ranked = table.sort_values(["tpr_at_0_1pct_fpr", "tpr_at_1pct_fpr", "auc", "nfe"], ascending=[False, False, False, True])
     best, worst = ranked.iloc[0], ranked.iloc[-1]
-    return (
+    text = (
         f"At the calibrated 0.1% FPR threshold, {best.attack} ({best.setting}, {best.nfe} NFE) finds "
         f"{best.tpr_at_0_1pct_fpr:.1%} of the members [{best.tpr_at_0_1pct_fpr_low:.1%}, {best.tpr_at_0_1pct_fpr_high:.1%}], "
-        f"with AUC {best.auc:.3f}. The weakest, {worst.attack}, finds {worst.tpr_at_0_1pct_fpr:.1%} "
+        f"with AUC {best.auc:.3f}."
+    )
+    tied = ranked[(ranked.tpr_at_0_1pct_fpr == best.tpr_at_0_1pct_fpr) & (ranked.attack != best.attack)]
+    if len(tied):
+        text += f" {', '.join(tied.attack)} find as many, so this split cannot rank them."
+    return text + (
+        f" The weakest, {worst.attack}, finds {worst.tpr_at_0_1pct_fpr:.1%} "
         f"with AUC {worst.auc:.3f} [{worst.auc_low:.3f}, {worst.auc_high:.3f}]."
     )
 

@@ -216,3 +216,17 @@ def test_summarise_names_best_and_worst():
     text = suite.summarise(table)
     assert text.startswith("At the calibrated 0.1% FPR threshold, strong")
     assert "The weakest, weak, finds 0.0%" in text
+
+
+def test_summarise_names_ties():
+    table = pd.DataFrame([table_row(attack="costly", nfe=20, auc=1.0, tpr_at_0_1pct_fpr=1.0),
+                          table_row(attack="cheap", nfe=2, auc=1.0, tpr_at_0_1pct_fpr=1.0), table_row(attack="weak")])
+    text = suite.summarise(table)
+    assert text.startswith("At the calibrated 0.1% FPR threshold, cheap")
+    assert "costly find as many, so this split cannot rank them." in text
+
+
+def test_suite_table_order(suite_inputs):
+    *_, result = suite_inputs
+    order = list(dict.fromkeys(result.scores.attack))
+    assert order[:8] == list(suite.BASELINES)
