@@ -20,13 +20,21 @@ for notebook in 02_reconstruction 03_frequency_analysis 04_attack; do
         | awk '{ sub(/peak_rss_mb=/, "", $2); printf "%s peak_rss_mb=%d %s\n", $1, $2 / 1024, $3 }'
 done
 
+# Compare the tables row by row after sorting by attack, so a change of row order alone passes.
 for table in metrics.csv control_metrics.csv; do
     [ -e "$run_dir/$table" ] || continue
-    if diff -q "$run_dir/$table" "$scratch/$table" >/dev/null; then
-        echo "$table reproduced exactly"
-    else
-        echo "$table differs from the run's:"
-        diff "$run_dir/$table" "$scratch/$table" || true
-    fi
+    .venv/bin/python - "$run_dir/$table" "$scratch/$table" <<'PYTHON'
+import sys
+
+import pandas as pd
+
+original, rerun = (pd.read_csv(path).sort_values("attack").reset_index(drop=True) for path in sys.argv[1:])
+name = sys.argv[1].rsplit("/", 1)[-1]
+if original.equals(rerun):
+    print(f"{name} reproduced exactly")
+else:
+    print(f"{name} differs from the run's:")
+    print(original.compare(rerun).to_string())
+PYTHON
 done
 rm -rf "$scratch"

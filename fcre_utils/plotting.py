@@ -152,9 +152,10 @@ def score_histograms(scores: pd.DataFrame, columns: int = 4) -> plt.Figure:
     fig, axes = plt.subplots(n_rows, columns, figsize=(3.4 * columns, 2.8 * n_rows), squeeze=False)
     for ax, attack in zip(axes.flat, attacks):
         part = scores[scores.attack == attack]
+        bins = np.histogram_bin_edges(part.score, bins=40)  # shared, so the two classes compare bar by bar
         for is_member in (False, True):
             values = part.score[part.member == is_member]
-            ax.hist(values, bins=40, density=True, alpha=0.55, color=MEMBER_COLOURS[is_member], label=MEMBER_NAMES[is_member])
+            ax.hist(values, bins=bins, density=True, alpha=0.55, color=MEMBER_COLOURS[is_member], label=MEMBER_NAMES[is_member])
         ax.set_title(attack, fontsize=9)
         ax.tick_params(labelsize=7)
     for ax in axes.flat[len(attacks):]:
