@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Measure the wall time and peak resident memory of notebooks 02-04 on a finished run, and check
 # that the rerun reproduces the run's metrics.csv (and control_metrics.csv when the run has one).
-#   bash benchmarks/notebook_memory.sh outputs/quick-<time>
+#   FCRE_DATA_DIR=<data folder> bash benchmarks/notebook_memory.sh outputs/quick-<time>
 # Notebooks 02-04 rerun one by one, under /usr/bin/time, on a scratch copy of the run's
 # parameters, manifests and models, so the run itself is not touched.
 set -euo pipefail
@@ -14,10 +14,14 @@ for optional in control_manifest.csv control_model; do
 done
 
 for notebook in 02_reconstruction 03_frequency_analysis 04_attack; do
-    /usr/bin/time -f "$notebook peak_rss_mb=%M wall_s=%e" \
+    if ! /usr/bin/time -o "$scratch/time.txt" -f "%M %e" \
         .venv/bin/papermill -k python3 --cwd notebooks "notebooks/$notebook.ipynb" \
-        "$scratch/$notebook.ipynb" -p run_dir "$scratch" 2>&1 >/dev/null | tail -1 \
-        | awk '{ sub(/peak_rss_mb=/, "", $2); printf "%s peak_rss_mb=%d %s\n", $1, $2 / 1024, $3 }'
+        "$scratch/$notebook.ipynb" -p run_dir "$scratch" >/dev/null 2>"$scratch/$notebook.log"; then
+        echo "$notebook failed; its executed copy and log are in $scratch" >&2
+        exit 1
+    fi
+    read -r peak_kb wall_s < <(tail -1 "$scratch/time.txt")
+    echo "$notebook peak_rss_mb=$((peak_kb / 1024)) wall_s=$wall_s"
 done
 
 # Compare the tables row by row after sorting by attack, so a change of row order alone passes.
