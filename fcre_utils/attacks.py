@@ -6,9 +6,9 @@ number of network evaluations per image. ``eps_theta(x, t)`` is the model's nois
 
 - :class:`NaiveLossAttack`: the noise-prediction error ``|eps_theta(x_t, t) - eps|^2`` with
   fresh noise ``eps`` (Matsumoto et al. 2023), negated and averaged over ``draws``.
-- :class:`SecMIAttack`: SecMI-stat (Duan et al. 2023). DDIM inversion to t in steps of k, one
-  reverse step to t - k and one inversion step back to t; the score is the negative squared
-  error between the two states at t.
+- :class:`SecMIAttack`: SecMI-stat (Duan et al. 2023). It inverts with DDIM to t in steps of k,
+  then takes one reverse step to t - k and one inversion step back to t. The score is the
+  negative squared error between the two states at t.
 - :class:`PIAAttack`: PIA and PIAN (Kong et al. 2024). The model's own prediction at t = 0,
   ``eps_0 = eps_theta(x0, 0)``, is the noise that takes x0 to t; the score is the negative l4
   distance between ``eps_theta(x_t, t)`` and ``eps_0``. PIAN first rescales ``eps_0`` to the
@@ -38,7 +38,8 @@ import torch
 from diffusers import UNet2DModel
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-from .frequency import bandpass
+from .frequency import MAX_RADIUS, bandpass
+from .models import check_images_fit
 from .reconstruction import ddim_invert, ddim_reverse, ddim_step, forward_noise, predict_noise, protocol_nfe
 
 FCRE_METRICS = ("ssim", "l2", "l2_ssim")
@@ -64,6 +65,8 @@ def ssim_scores(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     """
     # Chunks bound the memory. A float64 convolution on the CPU unfolds every 11x11 window of the
     # five SSIM inputs: 5 x 121 x 32 x 32 doubles, about 5 MB per 32x32 image, 7.6 GB for 1,528.
+    if min(a.shape[-2:]) <= 2 * SSIM_BORDER:
+        raise ValueError(f"SSIM needs images larger than {2 * SSIM_BORDER} px a side, got {tuple(a.shape[-2:])}; use L2 for smaller images")
     scores = []
     for begin in range(0, len(a), SSIM_CHUNK):
         _, full = structural_similarity_index_measure(
@@ -93,6 +96,8 @@ def fcre_scores(original: torch.Tensor, reconstruction: torch.Tensor, low: float
     """
     if metric not in FCRE_METRICS:
         raise ValueError(f"unknown FCRE metric {metric!r}; choose one of {FCRE_METRICS}")
+    if not 0.0 <= low < high or low >= MAX_RADIUS:
+        raise ValueError(f"band [{low}, {high}) keeps no frequency; use 0 <= low < high and low < {MAX_RADIUS:.4f} (1 = Nyquist)")
 
     ssim, l2 = band_similarity(original, reconstruction, low, high)
     if metric == "ssim":
@@ -169,6 +174,36 @@ def _lowpass_suffix(cutoff: float | None) -> str:
     return "" if cutoff is None else "_lowpass"
 
 
+PIXEL_TOLERANCE = 1e-3  # model inputs are in [-1, 1]; this much rounding beyond the ends is accepted
+
+
+def check_attack_inputs(unet: UNet2DModel, alphas_cumprod: torch.Tensor, images: torch.Tensor, t: int, batch_size: int) -> None:
+    """Raise ValueError or TypeError unless ``images`` and ``t`` suit ``unet``.
+
+    Without these checks, some inputs give a bare torch error and others a silently wrong score.
+    Checked: the tensor type, shape, size and channel count; pixels outside [-1, 1] (such as
+    0..255) and NaN pixels; an empty batch; a timestep outside the schedule.
+    """
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor (N, C, H, W), got {type(images).__name__}; convert with torch.from_numpy")
+    if images.ndim != 4:
+        raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}; add the channel axis with images.unsqueeze(1)")
+    if len(images) == 0:
+        raise ValueError("no images to score; pass at least one image")
+    if images.dtype != torch.float32:
+        raise TypeError(f"images must be float32 in [-1, 1], got {images.dtype}; convert with fcre_utils.data.to_model_tensor or .float()")
+    check_images_fit(unet, images)
+    if not torch.isfinite(images).all():
+        raise ValueError(f"{int((~torch.isfinite(images)).sum())} pixel values are NaN or infinite; replace them or remove those images")
+    low, high = float(images.min()), float(images.max())
+    if low < -1 - PIXEL_TOLERANCE or high > 1 + PIXEL_TOLERANCE:
+        raise ValueError(f"pixel values span [{low:g}, {high:g}] but the model expects [-1, 1]; rescale them, e.g. x / 127.5 - 1 for 0..255")
+    if not 0 <= t < len(alphas_cumprod):
+        raise ValueError(f"timestep t={t} is outside the schedule's 0..{len(alphas_cumprod) - 1}; choose a t in that range")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be at least 1")
+
+
 def _batches(images: torch.Tensor, batch_size: int, device: torch.device):
     for begin in range(0, len(images), batch_size):
         yield images[begin : begin + batch_size].to(device)
@@ -197,6 +232,9 @@ class NaiveLossAttack:
 
     def score(self, unet: UNet2DModel, alphas_cumprod: torch.Tensor, images: torch.Tensor) -> np.ndarray:
         """Return one score per image (N,); the noise is seeded, so scores are repeatable."""
+        check_attack_inputs(unet, alphas_cumprod, images, self.t, self.batch_size)
+        if self.draws < 1:
+            raise ValueError(f"draws={self.draws} must be at least 1")
         device = next(unet.parameters()).device
         generator = torch.Generator().manual_seed(self.seed)
         errors = []
@@ -229,6 +267,7 @@ class SecMIAttack:
 
     def score(self, unet: UNet2DModel, alphas_cumprod: torch.Tensor, images: torch.Tensor) -> np.ndarray:
         """Return one score per image (N,)."""
+        check_attack_inputs(unet, alphas_cumprod, images, self.t, self.batch_size)
         device = next(unet.parameters()).device
         errors = []
         with torch.inference_mode():
@@ -259,6 +298,7 @@ class PIAAttack:
 
     def score(self, unet: UNet2DModel, alphas_cumprod: torch.Tensor, images: torch.Tensor) -> np.ndarray:
         """Return one score per image (N,)."""
+        check_attack_inputs(unet, alphas_cumprod, images, self.t, self.batch_size)
         device = next(unet.parameters()).device
         distances = []
         with torch.inference_mode():
@@ -284,7 +324,8 @@ class SimAAttack:
         return 1
 
     def score(self, unet: UNet2DModel, alphas_cumprod: torch.Tensor, images: torch.Tensor) -> np.ndarray:
-        """Return one score per image (N,); ``alphas_cumprod`` is unused but kept for the interface."""
+        """Return one score per image (N,); ``alphas_cumprod`` only bounds ``t``."""
+        check_attack_inputs(unet, alphas_cumprod, images, self.t, self.batch_size)
         device = next(unet.parameters()).device
         with torch.inference_mode():
             norms = [sima_norm(predict_noise(unet, x0, self.t)) for x0 in _batches(images, self.batch_size, device)]
@@ -316,7 +357,7 @@ class FCREAttack:
         """Return one score per image (N,)."""
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {self.protocol!r}; choose one of {PROTOCOLS}")
-
+        check_attack_inputs(unet, alphas_cumprod, images, self.t, self.batch_size)
         device = next(unet.parameters()).device
         scores = []
         with torch.inference_mode():

@@ -310,10 +310,13 @@ def to_model_tensor(images: np.ndarray, image_size: int) -> torch.Tensor:
         float32 tensor (N, 1, image_size, image_size) with values in [-1, 1].
     """
     if images.ndim != 3:
-        raise ValueError(f"expected grayscale images of shape (N, H, W), got shape {images.shape}")
+        raise ValueError(
+            f"expected images of shape (N, H, W), one grayscale channel without a channel axis, got shape {images.shape}; "
+            "reshape or squeeze the array to (N, H, W)"
+        )
     check_finite(images, "the images")
     if images.dtype != np.uint8:
-        raise ValueError(f"expected uint8 images, got dtype {images.dtype}; scale them to 0..255")
+        raise ValueError(f"expected uint8 images, got dtype {images.dtype}; scale them to 0..255 and convert with .astype(np.uint8)")
 
     height, width = images.shape[1:]
     if height != width:

@@ -177,11 +177,14 @@ def bootstrap_intervals(
     Returns:
         ``{metric: (low, high)}`` for each name in :data:`CALIBRATED`.
     """
-    if resamples < 2:
-        raise ValueError(f"resamples={resamples} must be at least 2; 1000 is usual")
+    if not isinstance(resamples, int) or resamples < 2:
+        raise ValueError(f"resamples={resamples!r} must be an integer of at least 2; 1000 is usual")
     cal_labels, cal_scores = _check(*calibration)
     labels, scores = _check(*evaluation)
     samples = (cal_scores[cal_labels], cal_scores[~cal_labels], scores[labels], scores[~labels])
+    sizes = dict(zip(("calibration members", "calibration non-members", "evaluation members", "evaluation non-members"), map(len, samples)))
+    if min(sizes.values()) < 2:
+        raise ValueError(f"bootstrap intervals need at least 2 images in each group, got {sizes}; enlarge the sets")
 
     def statistic(cal_members, cal_nonmembers, members, nonmembers):
         cal = (np.r_[np.ones(len(cal_members), bool), np.zeros(len(cal_nonmembers), bool)], np.r_[cal_members, cal_nonmembers])
@@ -210,6 +213,7 @@ def attack_table(scores: pd.DataFrame, resamples: int = 1000, seed: int = 0) -> 
         evaluation FPR at each calibrated threshold, the ``oracle_*`` readings, n_members and
         n_nonmembers (evaluation split).
     """
+    _check_score_table(scores)
     rows = []
     for (attack, setting, nfe), group in scores.groupby(["attack", "setting", "nfe"], sort=False):
         splits = {}
@@ -219,8 +223,11 @@ def attack_table(scores: pd.DataFrame, resamples: int = 1000, seed: int = 0) -> 
                 raise ValueError(f"attack {attack!r} has no scores on the {split} split; score every image of the manifest")
             splits[split] = (part.member.to_numpy(dtype=bool), part.score.to_numpy(dtype=np.float64))
         row = {"attack": attack, "setting": setting, "nfe": int(nfe)}
-        measured = calibrated_metrics(splits["calibration"], splits["evaluation"])
-        intervals = bootstrap_intervals(splits["calibration"], splits["evaluation"], resamples, seed)
+        try:
+            measured = calibrated_metrics(splits["calibration"], splits["evaluation"])
+            intervals = bootstrap_intervals(splits["calibration"], splits["evaluation"], resamples, seed)
+        except ValueError as error:
+            raise ValueError(f"attack {attack!r} ({setting}): {error}") from error
         for name in CALIBRATED:
             row.update({name: measured[name], f"{name}_low": intervals[name][0], f"{name}_high": intervals[name][1]})
         row.update({name: value for name, value in measured.items() if name.startswith("fpr_at_")})
@@ -231,13 +238,30 @@ def attack_table(scores: pd.DataFrame, resamples: int = 1000, seed: int = 0) -> 
     return pd.DataFrame(rows)
 
 
+def _check_score_table(scores: pd.DataFrame) -> None:
+    """Raise ValueError for a score table that :func:`attack_table` would misread."""
+    missing = [c for c in ("attack", "setting", "nfe", "member", "split", "score") if c not in scores]
+    if missing:
+        raise ValueError(f"the score table lacks columns {missing}; it needs attack, setting, nfe, member, split and score")
+    if scores.empty:
+        raise ValueError("the score table is empty; score some images first")
+    keys = scores[["attack", "setting", "nfe"]]
+    if keys.isna().any().any():
+        raise ValueError(f"{int(keys.isna().any(axis=1).sum())} rows have no attack, setting or nfe; fill them in")
+    if scores.member.dtype != bool:
+        raise ValueError(f"column 'member' must be boolean, got {scores.member.dtype}; map it to True/False first")
+    splits = set(scores.split)
+    if not splits <= {"calibration", "evaluation"}:
+        raise ValueError(f"split values {sorted(map(str, splits))} must be 'calibration' or 'evaluation'")
+
+
 def format_table(table: pd.DataFrame) -> pd.DataFrame:
     """Return the attack table as text cells "value [low, high]" for display and markdown."""
     shown = pd.DataFrame({"attack": table.attack, "setting": table.setting, "NFE": table.nfe})
     labels = {"auc": "AUC", "asr": "ASR", "tpr_at_1pct_fpr": "TPR@1%FPR", "tpr_at_0_1pct_fpr": "TPR@0.1%FPR"}
     for name, label in labels.items():
         shown[label] = [f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in zip(table[name], table[f"{name}_low"], table[f"{name}_high"])]
-    shown["FPR at 1% / 0.1% threshold"] = [f"{a:.4f} / {b:.4f}" for a, b in zip(table.fpr_at_1pct_threshold, table.fpr_at_0_1pct_threshold)]
+    shown["FPR at 1% / 0.1% threshold"] = [f"{a:.2%} / {b:.2%}" for a, b in zip(table.fpr_at_1pct_threshold, table.fpr_at_0_1pct_threshold)]
     shown["oracle TPR@1% / 0.1%FPR"] = [f"{a:.3f} / {b:.3f}" for a, b in zip(table.oracle_tpr_at_1pct_fpr, table.oracle_tpr_at_0_1pct_fpr)]
     return shown
 

@@ -229,7 +229,9 @@ def check_values(params: Params) -> None:
         problems.append(f"block_out_channels={channels} must all be multiples of {min(8, min(channels))} (the GroupNorm groups)")
     if not 0.0 < params.beta_start < params.beta_end < 1.0:
         problems.append(f"beta_start={params.beta_start} and beta_end={params.beta_end} must satisfy 0 < beta_start < beta_end < 1")
-    if not params.dataset.endswith(".npz") and ("/" in params.dataset or "." in params.dataset):
+    if not params.dataset.strip():
+        problems.append("dataset is empty; give a MedMNIST name such as 'pneumoniamnist' or a path to an .npz file")
+    elif not params.dataset.endswith(".npz") and ("/" in params.dataset or "." in params.dataset):
         problems.append(f"dataset={params.dataset!r} must be a MedMNIST name such as 'pneumoniamnist' or a path to an .npz file")
     if params.image_size < params.source_size and not params.dataset.endswith(".npz"):
         problems.append(f"image_size={params.image_size} is smaller than source_size={params.source_size}")
@@ -247,8 +249,20 @@ def check_values(params: Params) -> None:
         if not 0 <= getattr(params, name) < steps:
             problems.append(f"{name}={getattr(params, name)} must be in [0, {steps})")
     for cutoff in [params.lowpass_cutoff, *params.lowpass_cutoffs]:
-        if not 0.0 < cutoff:
-            problems.append(f"low-pass cutoff {cutoff} must be positive (normalised radius, 1 = Nyquist)")
+        if not 0.0 < cutoff < MAX_RADIUS:
+            problems.append(f"low-pass cutoff {cutoff} must be in (0, {MAX_RADIUS:.4f}) (normalised radius, 1 = Nyquist); above it nothing is filtered")
+    for name in ("timesteps", "lowpass_cutoffs"):
+        values = getattr(params, name)
+        if len(set(values)) != len(values):
+            problems.append(f"{name}={values} lists a value twice; give each value once")
+    for name in ("n_members", "n_nonmembers"):
+        size = getattr(params, name)
+        n_calibration = int(round(params.calibration_fraction * size))
+        if 1 <= n_calibration < size and min(n_calibration, size - n_calibration) < 2:
+            problems.append(
+                f"{name}={size} with calibration_fraction={params.calibration_fraction} leaves a split with fewer than 2 images; "
+                "the bootstrap intervals need at least 2 per split, so raise the set size"
+            )
     if params.select_on_calibration and not params.lowpass_cutoffs:
         problems.append("lowpass_cutoffs is empty; give at least one cutoff")
     if params.bootstrap_resamples < 2:

@@ -97,7 +97,8 @@ def prepare_run_dir(run_dir: str | os.PathLike | None, preset: str, root: str | 
     if run_dir.exists() and any(run_dir.iterdir()):
         raise FileExistsError(
             f"run directory {str(run_dir)!r} is not empty and is kept as it is; choose a new "
-            "--run-dir or leave it out to get a fresh one under outputs/"
+            "--run-dir, leave it out to get a fresh one under outputs/, or continue an interrupted "
+            "run there with --resume"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
@@ -149,6 +150,8 @@ def resume_series(run_dir: str | os.PathLike, notebook_dir: str | os.PathLike = 
         RunFailed: a notebook raised an error, which its executed copy shows.
     """
     run_dir = Path(run_dir).resolve()
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {str(run_dir)!r} not found or not a directory; give the folder of an earlier run")
     request_path = run_dir / REQUEST_FILE
     if not request_path.is_file():
         raise FileNotFoundError(
@@ -203,8 +206,9 @@ def _execute(run_dir: Path, notebooks: list[Path], values: dict[str, Any], timin
             )
         except papermill.PapermillExecutionError as error:
             raise RunFailed(
-                f"{notebook.name} failed ({error.ename}: {error.evalue}); see {output}, then fix the "
-                f"cause and continue with python -m fcre_utils run --resume {run_dir}"
+                f"{notebook.name} failed ({error.ename}: {error.evalue}); see {output}. If the cause "
+                f"lies in the data or the code, fix it and continue with python -m fcre_utils run --resume {run_dir}; "
+                "if a parameter was wrong, start a new run, because --resume keeps the recorded parameters"
             ) from error
         finally:
             timings.append({"notebook": notebook.name, "seconds": round(time.perf_counter() - start, 1)})
@@ -298,6 +302,8 @@ def write_summary(run_dir: str | os.PathLike) -> Path:
             table = format_table(pd.read_csv(path))
             lines += [f"## {title}", "", "Evaluation split; thresholds and settings chosen on the calibration split; "
                       "95% bootstrap intervals in brackets.", "", table.to_markdown(index=False), ""]
+        elif prefix == "control_" and params.get("train_control") is False:
+            lines += [f"## {title}", "", "Skipped: the run set train_control=false, so no control model was trained.", ""]
     if (run_dir / "notebook_times.csv").is_file():
         times = pd.read_csv(run_dir / "notebook_times.csv")
         total = times.seconds.sum()

@@ -227,10 +227,15 @@ def load_source_images(params: Params, source: Path | None = None) -> np.ndarray
         images = load_npz_images(source)
     else:
         images, _ = read_medmnist_file(source)
+    if images.ndim == 4 and images.shape[-1] in (3, 4):
+        raise ValueError(
+            f"dataset {params.dataset!r} has shape {images.shape}, colour images; expected grayscale (N, H, W), "
+            "so convert the images to grayscale before saving them"
+        )
     if images.ndim != 3:
         raise ValueError(
-            f"dataset {params.dataset!r} has shape {images.shape}; expected grayscale (N, H, W), "
-            "so convert the images to grayscale before saving them"
+            f"dataset {params.dataset!r} has shape {images.shape}; expected (N, H, W), one grayscale image per row "
+            "without a channel axis, so reshape or squeeze the array before saving it"
         )
     check_pixels(images, f"dataset {params.dataset!r}")
     return images

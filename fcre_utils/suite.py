@@ -23,7 +23,7 @@ import torch
 from diffusers import UNet2DModel
 
 from .attacks import (
-    FCRE_METRICS, PROTOCOLS, balance_l2_weight, band_similarity, gaussian_rescale, naive_error, pia_distance,
+    FCRE_METRICS, PROTOCOLS, balance_l2_weight, band_similarity, check_attack_inputs, gaussian_rescale, naive_error, pia_distance,
     pia_start, secmi_error, sima_norm,
 )
 from .metrics import attack_metrics
@@ -86,10 +86,21 @@ class Candidate:
 
 def calibration_labels(manifest: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """Return the calibration row mask and its member labels; both classes must be present."""
+    for column in ("member", "split"):
+        if column not in manifest:
+            raise ValueError(f"the manifest has no {column!r} column; it needs image_id, member and split")
+    splits = set(manifest.split)
+    if not splits <= {"calibration", "evaluation"}:
+        raise ValueError(f"manifest split values {sorted(map(str, splits))} must be 'calibration' or 'evaluation'")
+    if manifest.member.dtype != bool:
+        raise ValueError(f"manifest column 'member' must be boolean, got {manifest.member.dtype}; map it to True/False first")
     calibration = manifest.split.to_numpy() == "calibration"
     labels = manifest.member.to_numpy(dtype=bool)[calibration]
     if labels.all() or not labels.any():
-        raise ValueError("the calibration split needs members and non-members; raise calibration_fraction")
+        raise ValueError(
+            f"the calibration split has {int(labels.sum())} members and {int((~labels).sum())} non-members but needs both; "
+            "raise calibration_fraction"
+        )
     return calibration, labels
 
 
@@ -264,15 +275,17 @@ def suite_candidates(params: Params) -> tuple[dict[str, list[int]], list[float],
     """Return the candidate settings the parameters allow.
 
     With ``select_on_calibration`` every attack tries every t of ``timesteps``, every low-pass
-    cutoff and every FCRE band; without it each attack has one setting chosen by hand.
+    cutoff and every FCRE band. Without it, each attack has one setting chosen by hand.
 
     Returns:
         Baseline timesteps per family, low-pass cutoffs, FCRE timesteps and FCRE bands.
     """
     if params.select_on_calibration:
-        every = list(params.timesteps)
+        every = sorted(set(params.timesteps))
         families = {"naive": every, "secmi": every, "pia": every, "sima": every}
-        return families, list(params.lowpass_cutoffs), every, [list(b) for b in params.band_candidates]
+        cutoffs = sorted(set(params.lowpass_cutoffs))
+        bands = [list(b) for b in dict.fromkeys(tuple(b) for b in params.band_candidates)]
+        return families, cutoffs, every, bands
     families = {"naive": [params.naive_t], "secmi": [params.secmi_t], "pia": [params.pia_t], "sima": [params.sima_t]}
     return families, [params.lowpass_cutoff], [params.fcre_t], [[params.band_low, params.band_high]]
 
@@ -291,6 +304,7 @@ def run_suite(unet: UNet2DModel, alphas_cumprod: torch.Tensor, images: torch.Ten
         raise ValueError(f"{len(images)} images for a manifest of {len(manifest)} rows; pass the manifest's images in order")
     calibration, labels = calibration_labels(manifest)
     families, cutoffs, fcre_timesteps, bands = suite_candidates(params)
+    check_attack_inputs(unet, alphas_cumprod, images, max(max(ts) for ts in families.values()), params.score_batch_size)
     if recon is None:
         recon = reconstruct(unet, images, params.timesteps, params.ddim_stride, alphas_cumprod, params.score_batch_size, params.progress)
     if len(recon.x0) != len(images):

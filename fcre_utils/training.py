@@ -108,6 +108,8 @@ def train_ddpm(
                 f"epochs={params.epochs}; set epochs to at least {first_epoch - 1}, or choose a new model_dir"
             )
         log.info("resuming training of %s at epoch %d of %d", model_dir, first_epoch, params.epochs)
+    if params.mixed_precision != "no" and accelerator.device.type == "cpu":
+        log.warning("mixed_precision=%s has no effect on the CPU; training runs in float32", params.mixed_precision)
     unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
     ema.to(accelerator.device)
 

@@ -203,3 +203,44 @@ def test_lowpass_above_corner_keeps_image():
     images = torch.randn(2, 1, 8, 8, dtype=torch.float64)
     torch.testing.assert_close(attacks.lowpass(images, 1.5), images)
     assert attacks.lowpass(images, None) is images
+
+
+@pytest.mark.parametrize("images, error, message", [
+    (torch.zeros(2, 1, 28, 28), ValueError, "the model expects 32x32 px images"),
+    (torch.zeros(2, 3, 32, 32), ValueError, "the model expects 1-channel images"),
+    (torch.full((2, 1, 32, 32), 255.0), ValueError, r"pixel values span \[255, 255\]"),
+    (torch.zeros(2, 32, 32), ValueError, r"must have shape \(N, C, H, W\)"),
+    (torch.zeros(0, 1, 32, 32), ValueError, "no images to score"),
+    (torch.zeros(2, 1, 32, 32, dtype=torch.float64), TypeError, "must be float32"),
+    (np.zeros((2, 1, 32, 32), np.float32), TypeError, "must be a torch.Tensor"),
+    (torch.full((2, 1, 32, 32), float("nan")), ValueError, "NaN or infinite"),
+])
+def test_attack_inputs_checked(tiny_model, images, error, message):
+    unet, scheduler, _, _ = tiny_model
+    with pytest.raises(error, match=message):
+        attacks.PIAAttack(t=10).score(unet, scheduler.alphas_cumprod, images)
+
+
+@pytest.mark.parametrize("attack", [attacks.PIAAttack(t=1000), attacks.SimAAttack(t=-1), attacks.NaiveLossAttack(t=5000)])
+def test_attack_timestep_checked(tiny_model, attack):
+    unet, scheduler, _, images = tiny_model
+    with pytest.raises(ValueError, match=f"timestep t={attack.t} is outside the schedule"):
+        attack.score(unet, scheduler.alphas_cumprod, images[:2])
+
+
+def test_naive_draws_checked(tiny_model):
+    unet, scheduler, _, images = tiny_model
+    with pytest.raises(ValueError, match="draws=0 must be at least 1"):
+        attacks.NaiveLossAttack(t=10, draws=0).score(unet, scheduler.alphas_cumprod, images[:2])
+
+
+def test_ssim_small_images_rejected():
+    images = torch.zeros(2, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"SSIM needs images larger than 10 px a side, got \(8, 8\)"):
+        attacks.ssim_scores(images, images)
+
+
+def test_fcre_empty_band_rejected():
+    images = torch.zeros(2, 1, 16, 16)
+    with pytest.raises(ValueError, match=r"band \[1.5, 2.0\) keeps no frequency"):
+        attacks.fcre_scores(images, images, 1.5, 2.0, "l2")

@@ -235,7 +235,7 @@ def test_bootstrap_perfect_attack():
 
 def test_bootstrap_needs_resamples(separable):
     labels, scores = separable
-    with pytest.raises(ValueError, match="resamples=1 must be at least 2"):
+    with pytest.raises(ValueError, match="resamples=1 must be an integer of at least 2"):
         metrics.bootstrap_intervals((labels, scores), (labels, scores), resamples=1)
 
 
@@ -264,3 +264,32 @@ def test_invalid_labels_rejected(labels):
 def test_integer_labels_accepted():
     result = metrics.attack_metrics(np.array([1, 0, 1, 0]), np.array([0.9, 0.1, 0.8, 0.2]))
     assert result["auc"] == 1.0
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t.drop(columns="score"), r"lacks columns \['score'\]"),
+    (lambda t: t.assign(member=t.member.map({True: "yes", False: "no"})), "column 'member' must be boolean"),
+    (lambda t: t.assign(split="validation"), r"split values \['validation'\]"),
+    (lambda t: t.assign(setting=None), "rows have no attack, setting or nfe"),
+    (lambda t: t.iloc[:0], "the score table is empty"),
+])
+def test_attack_table_input_checked(separable, change, message):
+    labels, scores = separable
+    split = np.where(np.arange(len(labels)) % 4 == 0, "calibration", "evaluation")
+    with pytest.raises(ValueError, match=message):
+        metrics.attack_table(change(score_frame(labels, scores, split)), resamples=10)
+
+
+def test_attack_table_names_attack_in_error(separable):
+    labels, scores = separable
+    split = np.where(np.arange(len(labels)) % 4 == 0, "calibration", "evaluation")
+    scores = scores.copy()
+    scores[5] = np.nan
+    with pytest.raises(ValueError, match=r"attack 'a' \(s\): 1 scores are NaN"):
+        metrics.attack_table(score_frame(labels, scores, split), resamples=10)
+
+
+def test_bootstrap_needs_two_per_group():
+    labels = np.array([True, False, False])
+    with pytest.raises(ValueError, match="at least 2 images in each group"):
+        metrics.bootstrap_intervals((labels, np.arange(3.0)), (labels, np.arange(3.0)), resamples=10)

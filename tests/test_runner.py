@@ -168,3 +168,9 @@ def test_bad_arguments_rejected(tmp_path, arguments, message):
     assert result.returncode == 2
     assert message in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_missing_directory_named(tmp_path):
+    from fcre_utils.runner import resume_series
+    with pytest.raises(FileNotFoundError, match="not found or not a directory"):
+        resume_series(tmp_path / "nowhere")

@@ -59,7 +59,7 @@ def test_selected_row_is_best_calibration_auc():
 def test_selection_needs_both_classes():
     recon, manifest = fake_reconstructions()
     manifest.loc[manifest.member, "split"] = "evaluation"
-    with pytest.raises(ValueError, match="calibration split needs members and non-members"):
+    with pytest.raises(ValueError, match="calibration split has 0 members and 14 non-members but needs both"):
         suite.select_fcre_settings(recon, manifest, [10, 20], BANDS, stride=10)
 
 
@@ -230,3 +230,20 @@ def test_suite_table_order(suite_inputs):
     *_, result = suite_inputs
     order = list(dict.fromkeys(result.scores.attack))
     assert order[:8] == list(suite.BASELINES)
+
+
+@pytest.mark.parametrize("column, values, message", [
+    ("split", ["cal", "eval"], r"split values \['cal', 'eval'\] must be 'calibration' or 'evaluation'"),
+    ("member", ["yes", "no"], "column 'member' must be boolean"),
+])
+def test_manifest_labels_checked(column, values, message):
+    _, manifest = fake_reconstructions()
+    manifest[column] = [values[i % 2] for i in range(len(manifest))]
+    with pytest.raises(ValueError, match=message):
+        suite.calibration_labels(manifest)
+
+
+def test_suite_rejects_unscaled_images(suite_inputs):
+    unet, scheduler, images, manifest, params, recon, _ = suite_inputs
+    with pytest.raises(ValueError, match=r"pixel values span \[0, 2\d\d\] but the model expects \[-1, 1\]"):
+        suite.run_suite(unet, scheduler.alphas_cumprod, (images + 1) * 127.5, manifest, params, recon)
