@@ -40,7 +40,7 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 
 from .frequency import MAX_RADIUS, bandpass
 from .models import check_images_fit
-from .reconstruction import ddim_invert, ddim_reverse, ddim_step, forward_noise, predict_noise, protocol_nfe
+from .reconstruction import ddim_invert, ddim_reverse, forward_noise, predict_noise, protocol_nfe, residual_roundtrip
 
 FCRE_METRICS = ("ssim", "l2", "l2_ssim")
 PROTOCOLS = ("x0", "residual")
@@ -170,8 +170,9 @@ def sima_norm(eps_pred: torch.Tensor) -> np.ndarray:
     return eps_pred.to(torch.float64).flatten(1).norm(dim=1).cpu().numpy()
 
 
-def _lowpass_suffix(cutoff: float | None) -> str:
-    return "" if cutoff is None else "_lowpass"
+def lowpass_name(attack: str, cutoff: float | None) -> str:
+    """Return the table name of ``attack``, with ``_lowpass`` when a cutoff filters it."""
+    return attack if cutoff is None else f"{attack}_lowpass"
 
 
 PIXEL_TOLERANCE = 1e-3  # model inputs are in [-1, 1]; this much rounding beyond the ends is accepted
@@ -181,8 +182,8 @@ def check_attack_inputs(unet: UNet2DModel, alphas_cumprod: torch.Tensor, images:
     """Raise ValueError or TypeError unless ``images`` and ``t`` suit ``unet``.
 
     Without these checks, some inputs give a bare torch error and others a silently wrong score.
-    Checked: the tensor type, shape, size and channel count; pixels outside [-1, 1] (such as
-    0..255) and NaN pixels; an empty batch; a timestep outside the schedule.
+    The checks cover the tensor type, shape, size and channel count, pixels outside [-1, 1]
+    (such as 0..255), NaN pixels, an empty batch and a timestep outside the schedule.
     """
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images must be a torch.Tensor (N, C, H, W), got {type(images).__name__}; convert with torch.from_numpy")
@@ -224,7 +225,7 @@ class NaiveLossAttack:
 
     @property
     def name(self) -> str:
-        return "naive_loss" + _lowpass_suffix(self.cutoff)
+        return lowpass_name("naive_loss", self.cutoff)
 
     @property
     def nfe(self) -> int:
@@ -259,7 +260,7 @@ class SecMIAttack:
 
     @property
     def name(self) -> str:
-        return "secmi_stat" + _lowpass_suffix(self.cutoff)
+        return lowpass_name("secmi_stat", self.cutoff)
 
     @property
     def nfe(self) -> int:
@@ -273,8 +274,7 @@ class SecMIAttack:
         with torch.inference_mode():
             for x0 in _batches(images, self.batch_size, device):
                 x_t = ddim_invert(unet, x0, self.t, self.stride, alphas_cumprod)[self.t]
-                previous = ddim_step(unet, x_t, self.t, self.t - self.stride, alphas_cumprod)
-                roundtrip = ddim_step(unet, previous, self.t - self.stride, self.t, alphas_cumprod)
+                roundtrip = residual_roundtrip(unet, x_t, self.t, self.stride, alphas_cumprod)
                 errors.append(secmi_error(x_t, roundtrip, self.cutoff))
         return -np.concatenate(errors)
 
@@ -290,7 +290,7 @@ class PIAAttack:
 
     @property
     def name(self) -> str:
-        return ("pian" if self.normalized else "pia") + _lowpass_suffix(self.cutoff)
+        return lowpass_name("pian" if self.normalized else "pia", self.cutoff)
 
     @property
     def nfe(self) -> int:
@@ -368,7 +368,6 @@ class FCREAttack:
                     reconstruction = ddim_reverse(unet, x_t, self.t, self.stride, alphas_cumprod)[-1]
                 else:
                     original = x_t
-                    previous = ddim_step(unet, x_t, self.t, self.t - self.stride, alphas_cumprod)
-                    reconstruction = ddim_step(unet, previous, self.t - self.stride, self.t, alphas_cumprod)
+                    reconstruction = residual_roundtrip(unet, x_t, self.t, self.stride, alphas_cumprod)
                 scores.append(fcre_scores(original.cpu(), reconstruction.cpu(), self.low, self.high, self.metric, self.l2_weight))
         return np.concatenate(scores)

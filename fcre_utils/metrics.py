@@ -238,32 +238,41 @@ def attack_table(scores: pd.DataFrame, resamples: int = 1000, seed: int = 0) -> 
     return pd.DataFrame(rows)
 
 
+def check_labels(table: pd.DataFrame, columns: tuple[str, ...], kind: str) -> None:
+    """Raise ValueError unless ``table`` has ``columns``, a boolean ``member`` and known ``split`` values.
+
+    Shared by the score table here and the manifest in :mod:`fcre_utils.suite`; ``kind`` names
+    the table in the messages.
+    """
+    missing = [c for c in columns if c not in table]
+    if missing:
+        raise ValueError(f"the {kind} lacks columns {missing}; it needs {', '.join(columns)}")
+    if table.member.dtype != bool:
+        raise ValueError(f"{kind} column 'member' must be boolean, got {table.member.dtype}; map it to True/False first")
+    splits = set(table.split)
+    if not splits <= {"calibration", "evaluation"}:
+        raise ValueError(f"{kind} split values {sorted(map(str, splits))} must be 'calibration' or 'evaluation'")
+
+
 def _check_score_table(scores: pd.DataFrame) -> None:
     """Raise ValueError for a score table that :func:`attack_table` would misread."""
-    missing = [c for c in ("attack", "setting", "nfe", "member", "split", "score") if c not in scores]
-    if missing:
-        raise ValueError(f"the score table lacks columns {missing}; it needs attack, setting, nfe, member, split and score")
+    check_labels(scores, ("attack", "setting", "nfe", "member", "split", "score"), "score table")
     if scores.empty:
         raise ValueError("the score table is empty; score some images first")
     keys = scores[["attack", "setting", "nfe"]]
     if keys.isna().any().any():
         raise ValueError(f"{int(keys.isna().any(axis=1).sum())} rows have no attack, setting or nfe; fill them in")
-    if scores.member.dtype != bool:
-        raise ValueError(f"column 'member' must be boolean, got {scores.member.dtype}; map it to True/False first")
-    splits = set(scores.split)
-    if not splits <= {"calibration", "evaluation"}:
-        raise ValueError(f"split values {sorted(map(str, splits))} must be 'calibration' or 'evaluation'")
 
 
 def format_table(table: pd.DataFrame) -> pd.DataFrame:
     """Return the attack table as text cells "value [low, high]" for display and markdown."""
-    shown = pd.DataFrame({"attack": table.attack, "setting": table.setting, "NFE": table.nfe})
+    cells = pd.DataFrame({"attack": table.attack, "setting": table.setting, "NFE": table.nfe})
     labels = {"auc": "AUC", "asr": "ASR", "tpr_at_1pct_fpr": "TPR@1%FPR", "tpr_at_0_1pct_fpr": "TPR@0.1%FPR"}
     for name, label in labels.items():
-        shown[label] = [f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in zip(table[name], table[f"{name}_low"], table[f"{name}_high"])]
-    shown["FPR at 1% / 0.1% threshold"] = [f"{a:.2%} / {b:.2%}" for a, b in zip(table.fpr_at_1pct_threshold, table.fpr_at_0_1pct_threshold)]
-    shown["oracle TPR@1% / 0.1%FPR"] = [f"{a:.3f} / {b:.3f}" for a, b in zip(table.oracle_tpr_at_1pct_fpr, table.oracle_tpr_at_0_1pct_fpr)]
-    return shown
+        cells[label] = [f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in zip(table[name], table[f"{name}_low"], table[f"{name}_high"])]
+    cells["FPR at 1% / 0.1% threshold"] = [f"{a:.2%} / {b:.2%}" for a, b in zip(table.fpr_at_1pct_threshold, table.fpr_at_0_1pct_threshold)]
+    cells["oracle TPR@1% / 0.1%FPR"] = [f"{a:.3f} / {b:.3f}" for a, b in zip(table.oracle_tpr_at_1pct_fpr, table.oracle_tpr_at_0_1pct_fpr)]
+    return cells
 
 
 def ring_auc(labels: np.ndarray, ring_errors: np.ndarray) -> np.ndarray:

@@ -127,7 +127,7 @@ def _load_unet(folder: Path) -> UNet2DModel:
         pickled = sorted(p.name for p in folder.glob("*.bin"))
         if pickled:
             raise ValueError(
-                f"{str(folder)!r} holds only pickle-based weights ({', '.join(pickled)}), which are not "
+                f"{str(folder)!r} contains only pickle-based weights ({', '.join(pickled)}), which are not "
                 "loaded because unpickling can run code; in a trusted environment load them and save "
                 "again with save_pretrained(..., safe_serialization=True)"
             )

@@ -197,6 +197,12 @@ def reconstruct(
     return Reconstructions(x0=x0.cpu(), nfe=nfe, **joined)
 
 
+def residual_roundtrip(unet: UNet2DModel, x_t: torch.Tensor, t: int, stride: int, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Take one reverse step from t to t - stride and one inversion step back to t (2 NFE)."""
+    previous = ddim_step(unet, x_t, t, t - stride, alphas_cumprod)
+    return ddim_step(unet, previous, t - stride, t, alphas_cumprod)
+
+
 def ddim_step(unet: UNet2DModel, x: torch.Tensor, t_from: int, t_to: int, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """Take one DDIM step from timestep ``t_from`` to ``t_to``, in either direction (1 NFE)."""
     alphas = alphas_cumprod.to(x.device, x.dtype)

@@ -113,7 +113,7 @@ def load_tensors(path: str | os.PathLike) -> dict[str, Any]:
     """Load a file written by :func:`save_tensors` (tensors only, no pickled code).
 
     Raises:
-        ValueError: the file holds other pickled Python objects; they are not unpickled, so no
+        ValueError: the file contains other pickled Python objects. They are not unpickled, so no
             code in the file runs.
     """
     try:

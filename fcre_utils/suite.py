@@ -23,10 +23,10 @@ import torch
 from diffusers import UNet2DModel
 
 from .attacks import (
-    FCRE_METRICS, PROTOCOLS, balance_l2_weight, band_similarity, check_attack_inputs, gaussian_rescale, naive_error, pia_distance,
+    FCRE_METRICS, PROTOCOLS, balance_l2_weight, band_similarity, check_attack_inputs, gaussian_rescale, lowpass_name, naive_error, pia_distance,
     pia_start, secmi_error, sima_norm,
 )
-from .metrics import attack_metrics
+from .metrics import attack_metrics, check_labels
 from .presets import Params
 from .reconstruction import Reconstructions, forward_noise, predict_noise, protocol_nfe, reconstruct
 
@@ -86,14 +86,7 @@ class Candidate:
 
 def calibration_labels(manifest: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """Return the calibration row mask and its member labels; both classes must be present."""
-    for column in ("member", "split"):
-        if column not in manifest:
-            raise ValueError(f"the manifest has no {column!r} column; it needs image_id, member and split")
-    splits = set(manifest.split)
-    if not splits <= {"calibration", "evaluation"}:
-        raise ValueError(f"manifest split values {sorted(map(str, splits))} must be 'calibration' or 'evaluation'")
-    if manifest.member.dtype != bool:
-        raise ValueError(f"manifest column 'member' must be boolean, got {manifest.member.dtype}; map it to True/False first")
+    check_labels(manifest, ("member", "split"), "manifest")
     calibration = manifest.split.to_numpy() == "calibration"
     labels = manifest.member.to_numpy(dtype=bool)[calibration]
     if labels.all() or not labels.any():
@@ -246,21 +239,17 @@ def baseline_candidates(
 
     candidates = []
     for (t, c), parts in naive.items():
-        candidates.append(Candidate("naive_loss" + _suffix(c), f"t={t} draws={draws}" + _band(c), draws, t, *_edges(c), -np.concatenate(parts)))
+        candidates.append(Candidate(lowpass_name("naive_loss", c), f"t={t} draws={draws}" + _band(c), draws, t, *_edges(c), -np.concatenate(parts)))
     for t in timesteps["secmi"]:
         for c in filters:
             error = secmi_error(recon.x_t[t], recon.x_t_roundtrip[t], c)
-            candidates.append(Candidate("secmi_stat" + _suffix(c), f"t={t} k={stride}" + _band(c), protocol_nfe("residual", t, stride), t, *_edges(c), -error))
+            candidates.append(Candidate(lowpass_name("secmi_stat", c), f"t={t} k={stride}" + _band(c), protocol_nfe("residual", t, stride), t, *_edges(c), -error))
     for (t, normalized, c), parts in pia.items():
-        name = ("pian" if normalized else "pia") + _suffix(c)
+        name = lowpass_name("pian" if normalized else "pia", c)
         candidates.append(Candidate(name, f"t={t}" + _band(c), 2, t, *_edges(c), -np.concatenate(parts)))
     for t, parts in sima.items():
         candidates.append(Candidate("sima", f"t={t}", 1, t, np.nan, np.nan, -np.concatenate(parts)))
     return candidates, passes / len(images)
-
-
-def _suffix(cutoff: float | None) -> str:
-    return "" if cutoff is None else "_lowpass"
 
 
 def _band(cutoff: float | None) -> str:

@@ -86,7 +86,7 @@ def train_ddpm(
     state = _read_state(state_path, fingerprint) if resume else None
     if not resume and state_path.exists():
         raise FileExistsError(
-            f"{str(state_path)!r} already exists, so {str(model_dir)!r} holds another training; "
+            f"{str(state_path)!r} already exists, so {str(model_dir)!r} already has a training in progress or done; "
             "pass resume=True to continue it, or choose a new model_dir"
         )
 
