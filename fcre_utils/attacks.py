@@ -130,7 +130,7 @@ def balance_l2_weight(ssim: np.ndarray, l2: np.ndarray) -> float:
 
 
 def lowpass(images: torch.Tensor, cutoff: float | None) -> torch.Tensor:
-    """Keep the band ``[0, cutoff)`` of each image; ``None`` returns the images unchanged."""
+    """Keep the band ``[0, cutoff)`` of each image, or return the images unchanged when ``cutoff`` is None."""
     return images if cutoff is None else bandpass(images, 0.0, cutoff)
 
 
@@ -175,7 +175,7 @@ def lowpass_name(attack: str, cutoff: float | None) -> str:
     return attack if cutoff is None else f"{attack}_lowpass"
 
 
-PIXEL_TOLERANCE = 1e-3  # model inputs are in [-1, 1]; this much rounding beyond the ends is accepted
+PIXEL_TOLERANCE = 1e-3  # model inputs are in [-1, 1], and rounding this far beyond the ends is accepted
 
 
 def check_attack_inputs(unet: UNet2DModel, alphas_cumprod: torch.Tensor, images: torch.Tensor, t: int, batch_size: int) -> None:
