@@ -45,6 +45,7 @@ class Params:
     learning_rate: float = 2e-4  # AdamW learning rate
     ema_decay: float = 0.9995  # EMA decay of the saved weights
     checkpoint_every: int = 100  # epochs between checkpoints of the model folder
+    history_every: int = 250  # epochs between kept weight snapshots (checkpoints/model/epoch-N); 0: none
     mixed_precision: str = "no"  # accelerate mixed precision: no, fp16 or bf16 (GPU only)
     n_samples: int = 16  # images sampled from the trained model for display
     sample_steps: int = 50  # DDIM steps per displayed sample
@@ -74,6 +75,14 @@ class Params:
     naive_draws: int = 4  # noise draws averaged by the naive loss attack
     bootstrap_resamples: int = 1000  # bootstrap resamples behind each 95% interval
 
+    # Frequency analysis and ablations (notebooks 03 and 05)
+    ring_width: float = 0.1  # width of the narrow rings swept from low to high frequency
+    heatmap_edges: list[float] = field(
+        default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5]
+    )  # band edges of the low-edge x high-edge heatmap; 1.5 keeps the corners
+    ablation_strides: list[int] = field(default_factory=lambda: [5, 10, 25])  # DDIM strides compared at the chosen t
+    ablation_member_sizes: list[int] = field(default_factory=lambda: [250, 500])  # smaller member sets, each trained like the model
+
     # Control model
     train_control: bool = True  # also train a model on a disjoint control set, as a sanity check
 
@@ -100,6 +109,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "learning_rate": 1e-3,
         "ema_decay": 0.999,
         "checkpoint_every": 100,
+        "history_every": 100,
+        "ablation_member_sizes": [32, 64],
     },
     "smoke": {
         "source_size": 28,
@@ -115,6 +126,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "learning_rate": 1e-3,
         "ema_decay": 0.9,
         "checkpoint_every": 1,
+        "history_every": 1,
+        "ablation_strides": [10, 20],
+        "ablation_member_sizes": [8],
         "timesteps": [20, 40],
         "ddim_stride": 20,
         "band_candidates": [[0.15, 0.85], [0.0, 1.5]],
@@ -265,6 +279,19 @@ def check_values(params: Params) -> None:
             )
     if params.select_on_calibration and not params.lowpass_cutoffs:
         problems.append("lowpass_cutoffs is empty; give at least one cutoff")
+    if params.history_every < 0:
+        problems.append(f"history_every={params.history_every} must be 0 (no snapshots) or a number of epochs")
+    if not 0.0 < params.ring_width < MAX_RADIUS:
+        problems.append(f"ring_width={params.ring_width} must be in (0, {MAX_RADIUS:.4f}) (normalised radius)")
+    edges = params.heatmap_edges
+    if len(edges) < 2 or sorted(set(edges)) != edges or edges[0] < 0.0:
+        problems.append(f"heatmap_edges={edges} must list at least two increasing values from 0 up")
+    for stride in params.ablation_strides:
+        if stride < 1 or any(t % stride for t in params.timesteps):
+            problems.append(f"ablation stride {stride} must be a positive divisor of every t in timesteps={params.timesteps}")
+    for size in params.ablation_member_sizes:
+        if not 2 <= size < params.n_members:
+            problems.append(f"ablation member-set size {size} must be in [2, n_members={params.n_members})")
     if params.bootstrap_resamples < 2:
         problems.append(f"bootstrap_resamples={params.bootstrap_resamples} must be at least 2; 1000 is usual")
 

@@ -152,6 +152,50 @@ def select_fcre_settings(recon: Reconstructions, manifest: pd.DataFrame, timeste
     return table
 
 
+REFERENCE_METRICS = ("ssim", "l2")
+
+
+def reference_candidates(recon: Reconstructions, reference: Reconstructions, rows: np.ndarray, timesteps: list[int], bands: list[list[float]],
+                         stride: int) -> list[Candidate]:
+    """Difficulty-calibrated FCRE: the target model's score minus a reference model's, per image.
+
+    The reference model never saw the images, so its score measures how well any model of this
+    data reconstructs the image; subtracting it removes the part of the score that follows image
+    difficulty (LiRA-style calibration with one reference model, protocol ``x0``).
+
+    Args:
+        recon, reference: the target's and the reference model's reconstructions of the same images.
+        rows: mask of the images to score.
+        timesteps, bands, stride: candidate settings, as in :func:`select_fcre_settings`.
+    """
+    if len(reference.x0) != len(recon.x0) or not torch.equal(reference.x0, recon.x0):
+        raise ValueError("the reference reconstructions are of other images; reconstruct the manifest's images with the reference model")
+    missing = sorted(set(timesteps) - set(reference.x0_recon))
+    if missing:
+        raise ValueError(f"timesteps {missing} are not in the reference model's reconstructions {sorted(reference.x0_recon)}; reconstruct them first")
+    candidates = []
+    for t, band in itertools.product(sorted(timesteps), bands):
+        low, high = float(band[0]), float(band[1])
+        target = band_similarity(recon.x0[rows], recon.x0_recon[t][rows], low, high)
+        baseline = band_similarity(reference.x0[rows], reference.x0_recon[t][rows], low, high)
+        nfe = 2 * protocol_nfe("x0", t, stride)  # the reference model reconstructs the image too
+        for metric, target_scores, reference_scores in zip(REFERENCE_METRICS, target, baseline):
+            candidates.append(Candidate(f"fcre_{metric}_calibrated", f"t={t} band={band_text(low, high)}", nfe, t, low, high,
+                                        target_scores - reference_scores))
+    return candidates
+
+
+def reference_scores_table(recon: Reconstructions, reference: Reconstructions, manifest: pd.DataFrame, selection: pd.DataFrame,
+                           stride: int) -> pd.DataFrame:
+    """Score every image with each selected difficulty-calibrated setting."""
+    tables = []
+    everything = np.ones(len(manifest), dtype=bool)
+    for row in selection[selection.selected].itertuples():
+        chosen = [c for c in reference_candidates(recon, reference, everything, [row.t], [[row.low, row.high]], stride) if c.attack == row.attack]
+        tables.append(score_table(manifest, row.attack, row.setting, row.nfe, chosen[0].scores))
+    return pd.concat(tables, ignore_index=True)
+
+
 def fcre_scores_table(recon: Reconstructions, manifest: pd.DataFrame, selection: pd.DataFrame) -> pd.DataFrame:
     """Score every image with each selected FCRE setting; L2 weights come from calibration.
 
@@ -279,7 +323,8 @@ def suite_candidates(params: Params) -> tuple[dict[str, list[int]], list[float],
     return families, [params.lowpass_cutoff], [params.fcre_t], [[params.band_low, params.band_high]]
 
 
-def run_suite(unet: UNet2DModel, alphas_cumprod: torch.Tensor, images: torch.Tensor, manifest: pd.DataFrame, params: Params, recon: Reconstructions | None = None) -> SuiteResult:
+def run_suite(unet: UNet2DModel, alphas_cumprod: torch.Tensor, images: torch.Tensor, manifest: pd.DataFrame, params: Params,
+              recon: Reconstructions | None = None, reference: Reconstructions | None = None) -> SuiteResult:
     """Run every attack on every image of the manifest with settings chosen on calibration.
 
     Args:
@@ -288,6 +333,8 @@ def run_suite(unet: UNet2DModel, alphas_cumprod: torch.Tensor, images: torch.Ten
         manifest: columns ``image_id``, ``member`` and ``split``.
         params: candidate settings, stride, naive draws, seed and batch size.
         recon: cached reconstructions of ``images`` with this model; computed when ``None``.
+        reference: reconstructions of ``images`` by a reference model trained on other images of
+            the same kind; adds the difficulty-calibrated attacks ``fcre_*_calibrated``.
     """
     if len(images) != len(manifest):
         raise ValueError(f"{len(images)} images for a manifest of {len(manifest)} rows; pass the manifest's images in order")
@@ -303,12 +350,17 @@ def run_suite(unet: UNet2DModel, alphas_cumprod: torch.Tensor, images: torch.Ten
                                             params.ddim_stride, params.seed, params.score_batch_size)
     baseline_table = rank_candidates(baselines, labels, calibration)
     fcre_table = select_fcre_settings(recon, manifest, fcre_timesteps, bands, params.ddim_stride)
-    selection = pd.concat([baseline_table, fcre_table], ignore_index=True)
+    tables = [baseline_table, fcre_table]
+    if reference is not None:
+        reference_table = rank_candidates(reference_candidates(recon, reference, calibration, fcre_timesteps, bands, params.ddim_stride), labels)
+        tables.append(reference_table)
+    selection = pd.concat(tables, ignore_index=True)
 
     chosen = sorted((c for c, selected in zip(baselines, baseline_table.selected) if selected), key=lambda c: BASELINES.index(c.attack))
     scores = pd.concat(
         [score_table(manifest, c.attack, c.setting, c.nfe, c.scores) for c in chosen]
-        + [fcre_scores_table(recon, manifest, fcre_table)],
+        + [fcre_scores_table(recon, manifest, fcre_table)]
+        + ([reference_scores_table(recon, reference, manifest, reference_table, params.ddim_stride)] if reference is not None else []),
         ignore_index=True,
     )
     # one shared inversion to the largest t, then t / stride + 1 passes back from each t

@@ -47,6 +47,7 @@ def train_ddpm(
     model_dir: str | Path,
     *,
     resume: bool = False,
+    history_dir: str | Path | None = None,
 ) -> tuple[UNet2DModel, pd.DataFrame]:
     """Train ``unet`` to predict the noise added to ``members`` and save its EMA weights.
 
@@ -62,6 +63,9 @@ def train_ddpm(
         resume: continue from the training state of ``model_dir`` if there is one. The state must
             come from the same members, seed, network and optimizer settings; ``epochs`` may be
             raised to train longer.
+        history_dir: where to keep a snapshot of the EMA weights every ``history_every`` epochs
+            and at the last epoch, as DDPMPipeline folders ``epoch-NNNNN``, for attacks along
+            training. None keeps none.
 
     Returns:
         The EMA model (eval mode, on the CPU) and the loss log: one row per epoch with columns
@@ -145,10 +149,13 @@ def train_ddpm(
         bar.set_postfix(loss=f"{mean_loss:.4f}")
 
         # 3. checkpoint the EMA weights, then the training state, each atomically
-        if epoch % params.checkpoint_every == 0 or epoch == params.epochs:
+        snapshot = history_dir is not None and params.history_every > 0 and (epoch % params.history_every == 0 or epoch == params.epochs)
+        if snapshot or epoch % params.checkpoint_every == 0 or epoch == params.epochs:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 save_model(_ema_copy(unet, ema, accelerator), scheduler, model_dir)
+                if snapshot:
+                    save_model(_ema_copy(unet, ema, accelerator), scheduler, snapshot_path(history_dir, epoch))
                 state = _capture(epoch, log_rows, accelerator.unwrap_model(unet), optimizer, ema, generator, fingerprint)
                 save_tensors(state, state_path, overwrite=True)
 
@@ -169,6 +176,17 @@ def _ema_copy(unet, ema: EMAModel, accelerator: Accelerator) -> UNet2DModel:
     copy.load_state_dict(raw.state_dict())
     ema.copy_to(copy.parameters())
     return copy.to("cpu").eval()
+
+
+def snapshot_path(history_dir: str | Path, epoch: int) -> Path:
+    """Folder of the weight snapshot taken after ``epoch``."""
+    return Path(history_dir) / f"epoch-{epoch:05d}"
+
+
+def list_snapshots(history_dir: str | Path) -> dict[int, Path]:
+    """Return the snapshots in ``history_dir`` by epoch, oldest first; empty when there are none."""
+    folders = sorted(Path(history_dir).glob("epoch-[0-9][0-9][0-9][0-9][0-9]")) if Path(history_dir).is_dir() else []
+    return {int(folder.name.split("-")[1]): folder for folder in folders if (folder / "unet").is_dir()}
 
 
 def training_state_path(model_dir: str | Path) -> Path:

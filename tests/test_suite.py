@@ -247,3 +247,50 @@ def test_suite_rejects_unscaled_images(suite_inputs):
     unet, scheduler, images, manifest, params, recon, _ = suite_inputs
     with pytest.raises(ValueError, match=r"pixel values span \[0, 2\d\d\] but the model expects \[-1, 1\]"):
         suite.run_suite(unet, scheduler.alphas_cumprod, (images + 1) * 127.5, manifest, params, recon)
+
+
+def reference_of(recon, scale=0.3, seed=5):
+    """Reconstructions by a model that saw none of the images: every image has the large error."""
+    generator = torch.Generator().manual_seed(seed)
+    smooth = torch.nn.functional.avg_pool2d(torch.randn(recon.x0.shape, generator=generator, dtype=torch.float64), 3, 1, 1)
+    x0_recon = {t: recon.x0 + scale * smooth * t / 10 for t in recon.x0_recon}
+    return Reconstructions(x0=recon.x0, x_t=recon.x_t, x_t_roundtrip=recon.x_t_roundtrip, x0_recon=x0_recon, nfe=recon.nfe)
+
+
+def test_reference_candidates_subtract_the_reference_score():
+    recon, manifest = fake_reconstructions()
+    reference = reference_of(recon)
+    rows = np.ones(len(manifest), bool)
+    candidates = suite.reference_candidates(recon, reference, rows, [10, 20], BANDS, stride=10)
+    assert len(candidates) == 2 * 2 * 2 and {c.attack for c in candidates} == {"fcre_ssim_calibrated", "fcre_l2_calibrated"}
+    chosen = next(c for c in candidates if c.attack == "fcre_l2_calibrated" and c.t == 20 and c.high == 1.5)
+    target = attacks.fcre_scores(recon.x0, recon.x0_recon[20], 0.5, 1.5, "l2")
+    baseline = attacks.fcre_scores(reference.x0, reference.x0_recon[20], 0.5, 1.5, "l2")
+    np.testing.assert_allclose(chosen.scores, target - baseline)
+    assert chosen.nfe == 2 * reconstruction.protocol_nfe("x0", 20, 10)
+
+
+def test_reference_must_reconstruct_the_same_images():
+    recon, manifest = fake_reconstructions()
+    other = reference_of(recon)
+    other.x0 = other.x0 + 1
+    with pytest.raises(ValueError, match="reference reconstructions are of other images"):
+        suite.reference_candidates(recon, other, np.ones(len(manifest), bool), [10], BANDS, stride=10)
+    missing = reference_of(recon)
+    del missing.x0_recon[20]
+    with pytest.raises(ValueError, match=r"timesteps \[20\] are not in the reference"):
+        suite.reference_candidates(recon, missing, np.ones(len(manifest), bool), [10, 20], BANDS, stride=10)
+
+
+def test_suite_adds_calibrated_attacks_with_a_reference(suite_inputs):
+    unet, scheduler, images, manifest, params, recon, plain = suite_inputs
+    reference = reference_of(recon)
+    result = suite.run_suite(unet, scheduler.alphas_cumprod, images, manifest, params, recon, reference)
+    assert set(result.scores.attack) == set(plain.scores.attack) | {"fcre_ssim_calibrated", "fcre_l2_calibrated"}
+    row = result.selection[result.selection.selected].set_index("attack").loc["fcre_l2_calibrated"]
+    _, scores = chosen_scores(result, "fcre_l2_calibrated")
+    target = attacks.fcre_scores(recon.x0, recon.x0_recon[row.t], row.low, row.high, "l2")
+    baseline = attacks.fcre_scores(reference.x0, reference.x0_recon[row.t], row.low, row.high, "l2")
+    np.testing.assert_allclose(scores, target - baseline)
+    pd.testing.assert_frame_equal(result.scores[result.scores.attack == "sima"].reset_index(drop=True),
+                                  plain.scores[plain.scores.attack == "sima"].reset_index(drop=True))

@@ -70,3 +70,23 @@ def test_same_seed_same_initial_weights():
     again = models.build_unet(params)
     for a, b in zip(first.parameters(), again.parameters()):
         torch.testing.assert_close(a, b)
+
+
+def test_history_keeps_snapshots_along_training(tmp_path):
+    params = resolve_params("smoke", {"epochs": 5, "history_every": 2, "checkpoint_every": 3})
+    unet = models.build_unet(params)
+    final, _ = training.train_ddpm(unet, models.build_scheduler(params), small_images(), params, tmp_path / "model",
+                                   history_dir=tmp_path / "checkpoints")
+    snapshots = training.list_snapshots(tmp_path / "checkpoints")
+    assert list(snapshots) == [2, 4, 5]  # every 2 epochs, and the last one
+    last, _ = models.load_model(snapshots[5])
+    for a, b in zip(final.parameters(), last.parameters()):
+        torch.testing.assert_close(a, b)
+    early, _ = models.load_model(snapshots[2])
+    assert not all(torch.equal(a, b) for a, b in zip(early.parameters(), last.parameters()))
+
+
+def test_no_history_without_a_folder_or_with_zero(tmp_path):
+    train(tmp_path, epochs=2, history_every=0)
+    assert not (tmp_path / "checkpoints").exists()
+    assert training.list_snapshots(tmp_path / "checkpoints") == {}
