@@ -17,7 +17,11 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from .frequency import MAX_RADIUS, radial_grid
+from .attacks import balance_l2_weight, band_similarity
+from .frequency import MAX_RADIUS, bandpass, radial_grid
+from .presets import Params
+from .reconstruction import Reconstructions
+from .suite import select_fcre_settings, suite_candidates
 
 FULL_BAND_HIGH = 1.5  # a band's high edge above sqrt(2) keeps the corners of the spectrum
 
@@ -155,3 +159,24 @@ def correlation_table(table: pd.DataFrame, scores: list[str], measures: list[str
                 rows.append({"group": "members" if member else "non-members", "score": score, "measure": measure,
                              "rho": float(rho), "rho_low": float(interval.low), "rho_high": float(interval.high)})
     return pd.DataFrame(rows)
+
+
+def chosen_setting(recon: Reconstructions, manifest: pd.DataFrame, params: Params, attack: str = "fcre_l2_x0") -> tuple[int, tuple[float, float]]:
+    """The t and band of one FCRE attack as notebook 04 chooses them (on the calibration split).
+
+    Without ``select_on_calibration`` these are ``fcre_t`` and ``(band_low, band_high)``.
+    """
+    _, _, timesteps, bands = suite_candidates(params)
+    table = select_fcre_settings(recon, manifest, timesteps, bands, params.ddim_stride)
+    row = table[table.selected].set_index("attack").loc[attack]
+    return int(row.t), (float(row.low), float(row.high))
+
+
+def metric_scores(original: torch.Tensor, reconstruction: torch.Tensor, low: float, high: float, fit: np.ndarray) -> dict[str, np.ndarray]:
+    """L1, L2, SSIM and L2+SSIM scores of the band ``[low, high)``, higher meaning member.
+
+    The L2 weight of L2+SSIM is fit on the rows ``fit`` (the calibration split).
+    """
+    ssim, l2 = band_similarity(original, reconstruction, low, high)
+    l1 = -(bandpass(original, low, high) - bandpass(reconstruction, low, high)).to(torch.float64).abs().flatten(1).mean(dim=1).cpu().numpy()
+    return {"L1": l1, "L2": l2, "SSIM": ssim, "L2+SSIM": ssim + balance_l2_weight(ssim[fit], l2[fit]) * l2}

@@ -181,3 +181,95 @@ def error_boxplot(errors: pd.DataFrame) -> plt.Figure:
     ax.set_xlabel("timestep t")
     fig.tight_layout()
     return fig
+
+
+def auc_by_band(table: pd.DataFrame, band: tuple[float, float] | None = None) -> plt.Figure:
+    """AUC of each narrow ring used alone, against the ring's centre, one line per metric.
+
+    Args:
+        table: columns ``centre``, ``metric``, ``auc``, ``auc_low`` and ``auc_high`` (one row per ring).
+        band: a band to shade, such as the one chosen on the calibration split.
+    """
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for metric, part in table.groupby("metric", sort=False):
+        line = ax.plot(part.centre, part.auc, marker="o", ms=3, label=metric)[0]
+        ax.fill_between(part.centre, part.auc_low, part.auc_high, color=line.get_color(), alpha=0.2, lw=0)
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.axvline(1.0, color="grey", lw=0.8, ls=":")
+    if band is not None:
+        ax.axvspan(band[0], min(band[1], 1.45), color="gold", alpha=0.15, lw=0, label="chosen band")
+    ax.set_xlabel("ring centre, normalised radius (1 = Nyquist)")
+    ax.set_ylabel("AUC of the ring alone")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def interval_points(table: pd.DataFrame, x: str, y: str = "auc", hue: str | None = None, reference: float | None = 0.5,
+                    xlabel: str | None = None, ylabel: str = "AUC", log_x: bool = False) -> plt.Figure:
+    """A value with its 95% interval (columns ``<y>_low``, ``<y>_high``) against ``x``, one line per ``hue``.
+
+    Numeric ``x`` gives lines, text ``x`` gives points side by side with error bars.
+    """
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    groups = table.groupby(hue, sort=False) if hue else [(None, table)]
+    numeric = pd.api.types.is_numeric_dtype(table[x])
+    labels = list(dict.fromkeys(table[x]))
+    width = 0.8 / max(1, len(groups) if hue else 1)
+    for index, (name, part) in enumerate(groups):
+        errors = np.vstack([part[y] - part[f"{y}_low"], part[f"{y}_high"] - part[y]])
+        if numeric:
+            positions = part[x].to_numpy(float)
+        else:
+            positions = np.array([labels.index(v) for v in part[x]]) + (index - (len(groups) - 1) / 2) * width
+        ax.errorbar(positions, part[y], yerr=errors, marker="o", ms=4, capsize=3, ls="-" if numeric else "none", label=name)
+    if not numeric:
+        ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    if log_x:
+        ax.set_xscale("log")
+    if reference is not None:
+        ax.axhline(reference, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel(xlabel or x)
+    ax.set_ylabel(ylabel)
+    if hue:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def band_heatmaps(table: pd.DataFrame, values: dict[str, str]) -> plt.Figure:
+    """Heatmaps over (low edge, high edge), one panel per metric and value.
+
+    Args:
+        table: columns ``low``, ``high``, ``metric`` and the columns named in ``values``.
+        values: column name -> label, e.g. ``{"auc": "AUC", "tpr_at_1pct_fpr": "TPR@1%FPR"}``.
+    """
+    metrics = list(dict.fromkeys(table.metric))
+    fig, axes = plt.subplots(len(values), len(metrics), figsize=(4.6 * len(metrics), 3.9 * len(values)), squeeze=False)
+    for r, (column, label) in enumerate(values.items()):
+        for c, metric in enumerate(metrics):
+            grid = table[table.metric == metric].pivot(index="high", columns="low", values=column).sort_index(ascending=False)
+            sns.heatmap(grid, ax=axes[r, c], vmin=0 if column != "auc" else 0.5, vmax=1, cmap="viridis", annot=grid.shape[1] <= 12,
+                        fmt=".2f", annot_kws={"fontsize": 6}, cbar_kws={"label": label})
+            axes[r, c].set_title(f"{metric}: {label}", fontsize=10)
+            axes[r, c].set_xlabel("low edge")
+            axes[r, c].set_ylabel("high edge")
+    fig.tight_layout()
+    return fig
+
+
+def difficulty_scatter(table: pd.DataFrame, scores: list[str], measures: list[str]) -> plt.Figure:
+    """Each score against each difficulty measure, members and non-members coloured (one row per score)."""
+    fig, axes = plt.subplots(len(scores), len(measures), figsize=(3.6 * len(measures), 2.9 * len(scores)), squeeze=False)
+    for r, score in enumerate(scores):
+        for c, measure in enumerate(measures):
+            ax = axes[r, c]
+            for is_member in (False, True):
+                part = table[table.member == is_member]
+                ax.scatter(part[measure], part[score], s=4, alpha=0.5, color=MEMBER_COLOURS[is_member], label=MEMBER_NAMES[is_member])
+            ax.set_xlabel(measure, fontsize=8)
+            ax.set_ylabel(score, fontsize=8)
+            ax.tick_params(labelsize=7)
+    axes[0, 0].legend(fontsize=7, markerscale=3)
+    fig.tight_layout()
+    return fig

@@ -191,6 +191,7 @@ def select_notebooks(notebooks: list[Path], only: list[str] | None) -> list[Path
 
 def _execute(run_dir: Path, notebooks: list[Path], values: dict[str, Any], timings: list[dict[str, Any]]) -> None:
     """Execute ``notebooks`` in order into ``run_dir``, then write the summary."""
+    values = {"interactive": False, **values}  # headless: widgets fall back to static figures
     for notebook in notebooks:
         declared = papermill.inspect_notebook(str(notebook))
         parameters = {name: value for name, value in values.items() if name in declared}

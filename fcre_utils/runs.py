@@ -312,9 +312,9 @@ def cached_reconstructions(run_dir: str | os.PathLike, params: Params, unet, alp
     return recon
 
 
-def load_reconstructions(run_dir: str | os.PathLike) -> Reconstructions:
-    """Load the reconstructions notebook 02 saved."""
-    path = Path(run_dir) / "reconstructions.pt"
+def load_reconstructions(run_dir: str | os.PathLike, filename: str = "reconstructions.pt") -> Reconstructions:
+    """Load the reconstructions notebook 02 saved (``control_reconstructions.pt``: the control model's)."""
+    path = Path(run_dir) / filename
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} not found; run notebook 02 on this run directory first")
     return Reconstructions.from_dict(load_tensors(path))
