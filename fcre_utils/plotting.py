@@ -249,8 +249,10 @@ def band_heatmaps(table: pd.DataFrame, values: dict[str, str]) -> plt.Figure:
     for r, (column, label) in enumerate(values.items()):
         for c, metric in enumerate(metrics):
             grid = table[table.metric == metric].pivot(index="high", columns="low", values=column).sort_index(ascending=False)
-            sns.heatmap(grid, ax=axes[r, c], vmin=0 if column != "auc" else 0.5, vmax=1, cmap="viridis", annot=grid.shape[1] <= 12,
-                        fmt=".2f", annot_kws={"fontsize": 6}, cbar_kws={"label": label})
+            # AUC below 0.5 (the band ranks members as non-members) gets its own colours
+            colours = {"cmap": "RdBu_r", "center": 0.5} if column == "auc" else {"cmap": "viridis"}
+            sns.heatmap(grid, ax=axes[r, c], vmin=0, vmax=1, annot=grid.shape[1] <= 12, fmt=".2f", annot_kws={"fontsize": 6},
+                        cbar_kws={"label": label}, **colours)
             axes[r, c].set_title(f"{metric}: {label}", fontsize=10)
             axes[r, c].set_xlabel("low edge")
             axes[r, c].set_ylabel("high edge")
