@@ -66,7 +66,8 @@ def band_l2_from_rings(energies: np.ndarray, edges: list[tuple[float, float]], l
     ends = np.array([e[1] for e in edges])
     inside = (starts >= low - 1e-9) & (ends <= high + 1e-9)
     if not inside.any() or not np.isclose(starts[inside].min(), low) or not np.isclose(min(ends[inside].max(), high), high):
-        raise ValueError(f"band [{low}, {high}) does not start and end on ring edges {sorted(set(starts) | set(ends))}")
+        boundaries = ", ".join(f"{b:g}" for b in sorted(set(starts) | set(ends)))
+        raise ValueError(f"band [{low:g}, {high:g}) does not start and end on ring edges ({boundaries}); choose edges from that list")
     return -energies[:, inside].sum(axis=1)
 
 

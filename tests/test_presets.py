@@ -97,6 +97,11 @@ def test_invalid_combination_rejected(overrides, message):
         ({"beta_end": 2.0}, "beta_end=2.0"),
         ({"beta_start": 0.03}, "beta_start=0.03"),
         ({"dataset": "images.npy"}, "path to an .npz file"),
+        ({"history_every": -1}, "history_every=-1"),
+        ({"ring_width": 0.0}, "ring_width=0.0"),
+        ({"heatmap_edges": [0.5, 0.2]}, r"heatmap_edges=\[0.5, 0.2\]"),
+        ({"ablation_strides": [15]}, "ablation stride 15 must be a positive divisor"),
+        ({"ablation_member_sizes": [24]}, r"ablation member-set size 24 must be in \[2, n_members=24\)"),
     ],
 )
 def test_more_combinations_rejected(overrides, message):
