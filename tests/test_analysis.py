@@ -35,7 +35,7 @@ def test_band_between_ring_edges_is_rejected():
     original, reconstruction = image_pairs()
     edges = analysis.ring_edges(0.1)
     energies = analysis.ring_energies(original, reconstruction, edges)
-    with pytest.raises(ValueError, match=r"band \[0.05, 0.3\) does not start and end on ring edges \(0, 0.1):
+    with pytest.raises(ValueError, match=r"band \[0.05, 0.3\) does not start and end on ring edges \(0, 0.1, 0.2"):
         analysis.band_l2_from_rings(energies, edges, 0.05, 0.3)
 
 
