@@ -156,7 +156,7 @@ def check_overrides(base: BaseRun, keys: list[str] | set[str]) -> None:
         named = ", ".join(f"{key} (read by {consumed[key]})" for key in conflicts)
         raise ValueError(
             f"{named} cannot change, because the run reuses those notebooks from base_run {str(base.path)!r}; "
-            "remove them from the overrides, or leave base_run out so that every point runs notebook 01"
+            "remove them from the overrides (fixed, grid or points of a sweep), or leave base_run out so that notebook 01 runs again"
         )
 
 

@@ -121,7 +121,7 @@ def parse_grid(grid: str | os.PathLike | dict[str, Any]) -> Sweep:
     _check_names([*fixed, *keys])
     overlap = sorted(set(fixed) & set(keys))
     if overlap:
-        raise ValueError(f"{', '.join(overlap)} appear in fixed and in the varying values; keep each in one place")
+        raise ValueError(f"fixed and the varying values both set {', '.join(overlap)}; keep each parameter in one place")
 
     base_run = content.get("base_run")
     preset = content.get("preset")
@@ -195,7 +195,8 @@ def _notebook_numbers(notebooks: Any) -> list[str] | None:
     for number in notebooks:
         if isinstance(number, bool) or not isinstance(number, (int, str)):
             raise TypeError(f"notebooks lists {number!r} ({type(number).__name__}); give notebook numbers such as '04'")
-        numbers.append(f"{number:02d}" if isinstance(number, int) else number.strip())
+        text = str(number).strip()
+        numbers.append(f"{int(text):02d}" if text.isdigit() else text)
     return numbers
 
 
@@ -217,7 +218,7 @@ def validate(sweep: Sweep, notebook_dir: str | os.PathLike = NOTEBOOK_DIR) -> Ba
         FileNotFoundError: the base run does not exist.
     """
     notebooks = list_notebooks(notebook_dir)
-    selected = select_notebooks(notebooks, sweep.notebooks, require_first=sweep.base_run is None)
+    selected = select_sweep_notebooks(sweep, notebooks)
     base = None
     if sweep.base_run is not None:
         base = open_base_run(sweep.base_run, notebooks, selected)
@@ -241,6 +242,24 @@ def validate(sweep: Sweep, notebook_dir: str | os.PathLike = NOTEBOOK_DIR) -> Ba
     if problems:
         raise ValueError(f"{len(problems)} of {len(sweep.points)} points are invalid, so nothing ran:\n  " + "\n  ".join(problems))
     return base
+
+
+def select_sweep_notebooks(sweep: Sweep, notebooks: list[Path]) -> list[Path]:
+    """Return the notebooks the sweep's points execute, in series order.
+
+    Raises:
+        ValueError: ``notebooks`` names no notebook of the series, or leaves out 01 without a base run.
+    """
+    known = sorted(notebook.name[:2] for notebook in notebooks)
+    unknown = [number for number in sweep.notebooks or [] if number not in known]
+    if unknown:
+        raise ValueError(f"notebooks {unknown} name no notebook of the series; choose from {', '.join(known)}")
+    if sweep.notebooks and sweep.base_run is None and "01" not in sweep.notebooks:
+        raise ValueError(
+            f"notebooks {sweep.notebooks} must include 01, because each point's new run directory needs notebook 01 "
+            "to train its model; or give base_run to reuse the model of an earlier run"
+        )
+    return select_notebooks(notebooks, sweep.notebooks, require_first=False)
 
 
 def _reason(error: Exception, overrides: dict[str, Any]) -> str:
@@ -320,7 +339,7 @@ def prepare_out(out: str | os.PathLike | None, name: str | None = None) -> Path:
 
 def _run_points(sweep: Sweep, out: Path, notebook_dir: str | os.PathLike) -> pd.DataFrame:
     """Run every point not completed yet, rewriting ``results.csv`` after each one."""
-    selected = select_notebooks(list_notebooks(notebook_dir), sweep.notebooks, require_first=sweep.base_run is None)
+    selected = select_sweep_notebooks(sweep, list_notebooks(notebook_dir))
     outcomes: dict[int, tuple[str, str]] = {}
     for index in range(len(sweep.points)):
         run_dir = out / point_name(index)
@@ -375,7 +394,9 @@ def _set_aside(run_dir: Path, out: Path) -> None:
 def collect_results(sweep: Sweep, out: Path, outcomes: dict[int, tuple[str, str]]) -> pd.DataFrame:
     """Build the tidy table of the points in ``outcomes`` from their ``metrics.csv`` files.
 
-    A point that leaves a varying parameter out gets the value it ran with in that column.
+    A point that leaves a varying parameter out gets the value it ran with in that column. A
+    ``metrics.csv`` column named like a varying parameter (``n_members``, ``n_nonmembers``: the
+    evaluation split's counts) is renamed ``metrics_<name>``, so both values are kept.
     """
     rows = []
     metric_columns: list[str] = []
@@ -385,6 +406,7 @@ def collect_results(sweep: Sweep, out: Path, outcomes: dict[int, tuple[str, str]
         metrics_path = run_dir / "metrics.csv"
         if status == "completed" and metrics_path.is_file():
             metrics = pd.read_csv(metrics_path)
+            metrics = metrics.rename(columns={name: f"metrics_{name}" for name in metrics.columns if name in head})
             metric_columns += [column for column in metrics.columns if column not in metric_columns]
             rows += [{**head, **row, "status": status, "error": error} for row in metrics.to_dict("records")]
         else:
@@ -410,10 +432,17 @@ def write_results(results: pd.DataFrame, out: Path) -> None:
     Both are rebuilt from the point run directories, so they are replaced on every write.
     """
     atomic_write_text(out / RESULTS_FILE, results.to_csv(index=False), overwrite=True)
-    if importlib.util.find_spec("pyarrow") is not None:
-        temporary = out / ".results.parquet.tmp"
+    if importlib.util.find_spec("pyarrow") is None:
+        return
+
+    # NOTE: this branch has not run in the project's tests, whose environment lacks pyarrow.
+    temporary = out / ".results.parquet.tmp"
+    try:
         results.to_parquet(temporary, index=False)
-        os.replace(temporary, out / "results.parquet")
+    except (TypeError, ValueError) as error:  # pyarrow's ArrowTypeError and ArrowInvalid derive from these
+        log.warning("results.parquet not written (%s); results.csv contains the same table", error)
+        return
+    os.replace(temporary, out / "results.parquet")
 
 
 def summarise_points(results: pd.DataFrame) -> pd.DataFrame:

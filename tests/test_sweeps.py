@@ -16,7 +16,7 @@ import yaml
 from fcre_utils.__main__ import main
 from fcre_utils.presets import Params
 from fcre_utils.reuse import CONSUMED_PARAMETERS, BaseRun, check_overrides, files_before_start, reused_files
-from fcre_utils.runner import NOTEBOOK_DIR, list_notebooks
+from fcre_utils.runner import list_notebooks, resume_series, select_notebooks
 from fcre_utils.sweeps import parse_grid, run_sweep, validate
 
 
@@ -79,8 +79,15 @@ grid:
 
 
 def test_notebook_numbers_normalised():
-    sweep = parse_grid({"preset": "smoke", "notebooks": [1, "02", 4], "points": [{}]})
+    sweep = parse_grid({"preset": "smoke", "notebooks": [1, "02", "4"], "points": [{}]})
     assert sweep.notebooks == ["01", "02", "04"]
+
+
+def test_select_without_01_allowed():
+    notebooks = list_notebooks()
+    assert [nb.name[:2] for nb in select_notebooks(notebooks, ["04"], require_first=False)] == ["04"]
+    with pytest.raises(ValueError, match="must include 01"):
+        select_notebooks(notebooks, ["04"])
 
 
 @pytest.mark.parametrize("grid", [
@@ -102,7 +109,7 @@ def test_unknown_parameter_named(grid):
     ({"preset": "smoke", "points": []}, ValueError, "points must be a non-empty list"),
     ({"preset": "smoke", "points": [{"fcre_t": 20}, 40]}, TypeError, "point 1 must be a mapping"),
     ({"preset": "smoke", "grid": {"fcre_t": 20}}, TypeError, r"write \[20\], or move fcre_t to fixed"),
-    ({"preset": "smoke", "fixed": {"fcre_t": 20}, "grid": {"fcre_t": [40]}}, ValueError, "fcre_t appear in fixed and in the varying"),
+    ({"preset": "smoke", "fixed": {"fcre_t": 20}, "grid": {"fcre_t": [40]}}, ValueError, "fixed and the varying values both set fcre_t"),
     ({"grid": {"fcre_t": [20]}}, ValueError, "names no preset"),
     ({"preset": "smoke", "points": [{"fcre_t": 20}, {"fcre_t": 20}]}, ValueError, "points 0 and 1 are the same"),
     ({"preset": "smoke", "notebooks": [], "points": [{}]}, ValueError, "notebooks must be a non-empty list"),
@@ -137,7 +144,13 @@ def test_unquoted_no_explained(tmp_path):
 
 def test_notebooks_without_01_rejected():
     sweep = parse_grid({"preset": "smoke", "notebooks": ["04"], "grid": {"fcre_t": [20]}})
-    with pytest.raises(ValueError, match="must include 01"):
+    with pytest.raises(ValueError, match=r"notebooks \['04'\] must include 01"):
+        validate(sweep)
+
+
+def test_unknown_notebook_named():
+    sweep = parse_grid({"preset": "smoke", "notebooks": ["01", "09"], "grid": {"fcre_t": [20]}})
+    with pytest.raises(ValueError, match=r"notebooks \['09'\] name no notebook"):
         validate(sweep)
 
 
@@ -220,7 +233,8 @@ def test_results_table(sweep_run):
     results = pd.read_csv(out / "results.csv")
     metrics = pd.read_csv(out / "point-000" / "metrics.csv")
     keys = ["fcre_t", "band_low", "band_candidates", "mixed_precision", "n_members"]
-    assert list(results.columns) == ["point", "run_dir", *keys, *metrics.columns, "status", "error"]
+    metric_columns = [f"metrics_{name}" if name == "n_members" else name for name in metrics.columns]
+    assert list(results.columns) == ["point", "run_dir", *keys, *metric_columns, "status", "error"]
     assert len(results) == 2 * len(metrics) + 1
 
     first = results[results.point == "point-000"]
@@ -229,6 +243,7 @@ def test_results_table(sweep_run):
     assert set(first.band_candidates) == {"[[0.1,0.85]]"}
     assert set(first.mixed_precision) == {"no"}  # left out by the point: the value it ran with
     assert set(first.n_members) == {24}
+    assert first.metrics_n_members.tolist() == metrics.n_members.tolist()
     assert json.loads(results[results.point == "point-001"].band_candidates.iloc[0]) == [[0.0, 1.5], [0.05, 0.5]]
     assert (first.run_dir == str(out / "point-000")).all()
 
@@ -337,8 +352,13 @@ def test_base_run_sweep(sweep_run, tmp_path):
         assert params == {**base_params, "fcre_t": t}
         request = yaml.safe_load((point / "run_request.yaml").read_text())
         assert request["base_run"] == str(base)
+        assert request["only"] == ["04"]
         fcre = results[(results.point == point.name) & (results.attack == "fcre_l2_x0")]
         assert fcre.setting.iloc[0].startswith(f"t={t} ")
+
+    # run --resume accepts a run without notebook 01 when it records a base run; nothing is left to run
+    resume_series(tmp_path / "reused" / "point-000")
+    assert pd.read_csv(tmp_path / "reused" / "point-000" / "notebook_times.csv").notebook.tolist() == ["04_attack.ipynb"]
 
 
 @pytest.mark.slow
