@@ -47,14 +47,20 @@ def _fields_before(name: str) -> tuple[str, ...]:
 
 # Parameters that shape what a notebook leaves for the later ones, by notebook number. Notebook 01
 # consumes every field declared before ``timesteps`` in Params (the data, model and training
-# sections, so a field added at the end of those sections is included) and ``train_control``.
+# sections, so a field added at the end of those sections is included). ``train_control`` may
+# only be switched off (see :func:`base_values`).
 CONSUMED_PARAMETERS: dict[str, tuple[str, ...]] = {
-    "01": (*_fields_before("timesteps"), "train_control"),
+    "01": _fields_before("timesteps"),
     "02": ("timesteps", "ddim_stride"),
 }
 
 # Files of the base run that the new run writes itself rather than links.
 OWN_FILES = frozenset({"params.yaml", "environment.yaml", "summary.md"})
+
+# Caches that a later notebook writes and reads back when present, each with the notebook whose
+# parameters it depends on. Notebook 04 reconstructs the control set at notebook 02's timesteps,
+# so its cache is linked too when 02 is reused.
+REUSABLE_CACHES = {"control_reconstructions.pt": "02"}
 
 
 @dataclass
@@ -106,8 +112,10 @@ def open_base_run(base_run: str | os.PathLike, notebooks: list[Path], selected: 
     preset = values.pop("preset", None)
     if not isinstance(preset, str):
         raise ValueError(f"{str(path / 'params.yaml')!r} records no preset; give a run directory made by python -m fcre_utils run")
-    files = sorted(reused_files(path, reused, notebooks) - OWN_FILES)
-    return BaseRun(path=path, preset=preset, values=values, reused=reused, files=files)
+    files = reused_files(path, reused, notebooks) - OWN_FILES
+    numbers = {notebook.name[:2] for notebook in reused}
+    files |= {name for name, number in REUSABLE_CACHES.items() if number in numbers and (path / name).is_file()}
+    return BaseRun(path=path, preset=preset, values=values, reused=reused, files=sorted(files))
 
 
 def reused_files(path: Path, reused: list[Path], notebooks: list[Path]) -> set[str]:
@@ -161,8 +169,17 @@ def check_overrides(base: BaseRun, keys: list[str] | set[str]) -> None:
 
 
 def base_values(base: BaseRun, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Return the base run's parameter values with ``overrides`` on top, checked by :func:`resolve_params`."""
+    """Return the base run's parameter values with ``overrides`` on top, checked by :func:`resolve_params`.
+
+    ``train_control`` may switch the control model's attacks off, but not on where the base run
+    trained no control model.
+    """
     check_overrides(base, list(overrides))
+    if overrides.get("train_control") is True and base.values.get("train_control") is False:
+        raise ValueError(
+            f"train_control=true needs a control model, but base_run {str(base.path)!r} trained none; "
+            "set train_control to false, or choose a base run that trained one"
+        )
     values = {**base.values, **overrides}
     resolve_params(base.preset, values)
     return values

@@ -4,6 +4,7 @@ smoke sweeps (one training the model per point, one reusing a trained run) write
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,9 @@ import yaml
 
 from fcre_utils.__main__ import main
 from fcre_utils.presets import Params
-from fcre_utils.reuse import CONSUMED_PARAMETERS, BaseRun, check_overrides, files_before_start, reused_files
+from fcre_utils.reuse import (
+    CONSUMED_PARAMETERS, BaseRun, base_values, check_overrides, files_before_start, open_base_run, reused_files,
+)
 from fcre_utils.runner import list_notebooks, resume_series, select_notebooks
 from fcre_utils.sweeps import parse_grid, run_sweep, validate
 
@@ -155,8 +158,8 @@ def test_unknown_notebook_named():
 
 
 def test_consumed_parameters_by_section():
-    assert {"dataset", "seed", "block_out_channels", "epochs", "sample_steps", "train_control"} <= set(CONSUMED_PARAMETERS["01"])
-    assert not {"timesteps", "band_low", "band_candidates", "fcre_t", "select_on_calibration"} & set(CONSUMED_PARAMETERS["01"])
+    assert {"dataset", "seed", "block_out_channels", "epochs", "sample_steps"} <= set(CONSUMED_PARAMETERS["01"])
+    assert not {"timesteps", "band_low", "band_candidates", "fcre_t", "select_on_calibration", "train_control"} & set(CONSUMED_PARAMETERS["01"])
     assert set(CONSUMED_PARAMETERS["01"]) | set(CONSUMED_PARAMETERS["02"]) <= set(Params.__dataclass_fields__)
 
 
@@ -369,3 +372,24 @@ def test_base_run_conflict_named(sweep_run, tmp_path, capsys):
     error = capsys.readouterr().err
     assert "epochs (read by 01_train_ddpm.ipynb), timesteps (read by 02_reconstruction.ipynb) cannot change" in error
     assert not (tmp_path / "reused").exists()
+
+
+@pytest.mark.slow
+def test_control_switched_on_rejected(sweep_run):
+    out, _, _ = sweep_run
+    notebooks = list_notebooks()
+    base = open_base_run(out / "point-000", notebooks, notebooks[3:])
+    with pytest.raises(ValueError, match="train_control=true needs a control model"):
+        base_values(base, {"train_control": True})
+    assert base_values(base, {"train_control": False, "fcre_t": 40})["fcre_t"] == 40
+
+
+@pytest.mark.slow
+def test_control_cache_linked_with_02(sweep_run, tmp_path):
+    out, _, _ = sweep_run
+    base = tmp_path / "base"
+    shutil.copytree(out / "point-000", base)  # copy2 keeps the snapshots and modification times
+    (base / "control_reconstructions.pt").write_bytes(b"stands in for notebook 04's cache")
+    notebooks = list_notebooks()
+    assert "control_reconstructions.pt" in open_base_run(base, notebooks, notebooks[3:]).files
+    assert "control_reconstructions.pt" not in open_base_run(base, notebooks, notebooks[1:]).files
