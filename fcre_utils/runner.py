@@ -161,7 +161,7 @@ def resume_series(run_dir: str | os.PathLike, notebook_dir: str | os.PathLike = 
     request = read_yaml(request_path)
     preset, overrides = request["preset"], request["overrides"] or {}
     resolve_params(preset, overrides)
-    notebooks = select_notebooks(list_notebooks(notebook_dir), request.get("only"))
+    notebooks = select_notebooks(list_notebooks(notebook_dir), request.get("only"), require_first=not request.get("base_run"))
     log.info("resuming run directory: %s", run_dir)
 
     timings = pd.read_csv(run_dir / TIMES_FILE).to_dict("records") if (run_dir / TIMES_FILE).is_file() else []
@@ -176,15 +176,19 @@ def resume_series(run_dir: str | os.PathLike, notebook_dir: str | os.PathLike = 
     return run_dir
 
 
-def select_notebooks(notebooks: list[Path], only: list[str] | None) -> list[Path]:
-    """Return the notebooks named by ``only`` (number prefixes such as "01"), or all when None."""
+def select_notebooks(notebooks: list[Path], only: list[str] | None, require_first: bool = True) -> list[Path]:
+    """Return the notebooks named by ``only`` (number prefixes such as "01"), or all when None.
+
+    ``require_first=False`` allows a selection without 01, for a run directory that starts from
+    another run's files (see :mod:`fcre_utils.reuse`).
+    """
     if not only:
         return notebooks
     requested = {f"{int(number):02d}" if number.strip().isdigit() else number.strip() for number in only}
     known = {nb.name[:2] for nb in notebooks}
     if not requested <= known:
         raise ValueError(f"--only {','.join(only)} names no notebook; choose from {', '.join(sorted(known))}")
-    if "01" not in requested:
+    if require_first and "01" not in requested:
         raise ValueError("--only must include 01, because a new run directory needs notebook 01 to create its run")
     return [nb for nb in notebooks if nb.name[:2] in requested]
 
