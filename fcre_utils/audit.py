@@ -212,8 +212,8 @@ def audit_params(preset: str, overrides: dict[str, Any] | None, preprocessing: P
         return resolve_params(preset, {**overrides, **derived})
     except ValueError as error:
         raise ValueError(
-            f"{error}; the model's schedule has {config.num_train_timesteps} timesteps, so choose attack settings "
-            "that fit it (--set timesteps=[...] on the command line)"
+            f"{error}; the model's schedule has {config.num_train_timesteps} timesteps, so override the settings named "
+            f"here with values below {config.num_train_timesteps} (--set KEY=VALUE on the command line)"
         ) from error
 
 

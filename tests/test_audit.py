@@ -25,6 +25,7 @@ from fcre_utils.presets import resolve_params
 
 # Attack settings that keep an end-to-end audit to seconds on a CPU.
 FAST = {"timesteps": [20], "band_candidates": [[0.0, 1.5]], "lowpass_cutoffs": [0.5], "bootstrap_resamples": 20}
+end_to_end = pytest.mark.slow  # tests that train or audit a model: tens of seconds on a busy CPU
 
 
 def save_pngs(folder, images, prefix="image"):
@@ -445,6 +446,11 @@ def test_conditional_unet_rejected(tmp_path):
         models.load_checkpoint(tmp_path)
 
 
+def test_folder_without_model_rejected(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is neither a DDPMPipeline folder .* nor a UNet2DModel folder"):
+        models.load_checkpoint(tmp_path)
+
+
 def test_missing_model_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="model folder '.*nowhere' not found"):
         models.load_checkpoint(tmp_path / "nowhere")
@@ -464,6 +470,7 @@ def gray_audit(tiny_model, tmp_path_factory):
     return report, model_dir, members, nonmembers
 
 
+@end_to_end
 def test_report_files_written(gray_audit):
     report, *_ = gray_audit
     for name in ("report.md", "report.html", "metrics.csv", "metrics.md", "scores.csv", "selection.csv", "manifest.csv",
@@ -472,6 +479,7 @@ def test_report_files_written(gray_audit):
         assert (report.out_dir / name).is_file(), name
 
 
+@end_to_end
 def test_report_metrics_match_attack_table(gray_audit):
     report, *_ = gray_audit
     scores = pd.read_csv(report.out_dir / "scores.csv")
@@ -480,6 +488,7 @@ def test_report_metrics_match_attack_table(gray_audit):
     pd.testing.assert_frame_equal(written, recomputed, check_exact=False, rtol=1e-12)
 
 
+@end_to_end
 def test_report_attacks_filtered(gray_audit):
     report, *_ = gray_audit
     expected = {"pia", *(f"fcre_{m}_{p}" for m in ("ssim", "l2", "l2_ssim") for p in ("x0", "residual"))}
@@ -487,6 +496,7 @@ def test_report_attacks_filtered(gray_audit):
     assert set(pd.read_csv(report.out_dir / "scores.csv").attack) == expected
 
 
+@end_to_end
 def test_report_scores_name_files(gray_audit):
     report, _, members, nonmembers = gray_audit
     scores = pd.read_csv(report.out_dir / "scores.csv")
@@ -495,12 +505,14 @@ def test_report_scores_name_files(gray_audit):
     assert not scores.duplicated(["file", "attack"]).any()
 
 
+@end_to_end
 def test_report_split_counts(gray_audit):
     report, *_ = gray_audit
     counts = report.manifest.groupby(["member", "split"]).size()
     assert counts.tolist() == [6, 6, 6, 6]
 
 
+@end_to_end
 def test_report_text_sections(gray_audit):
     report, *_ = gray_audit
     text = (report.out_dir / "report.md").read_text()
@@ -512,6 +524,7 @@ def test_report_text_sections(gray_audit):
     assert html.count("<table>") == 4
 
 
+@end_to_end
 def test_report_inputs_hashed(gray_audit):
     report, model_dir, members, _ = gray_audit
     record = yaml.safe_load((report.out_dir / "inputs.yaml").read_text())
@@ -523,6 +536,7 @@ def test_report_inputs_hashed(gray_audit):
     assert record["parameters"]["timesteps"] == [20]
 
 
+@end_to_end
 def test_report_most_exposed_ranked(gray_audit):
     report, *_ = gray_audit
     exposed = pd.read_csv(report.out_dir / "most_exposed.csv")
@@ -532,12 +546,14 @@ def test_report_most_exposed_ranked(gray_audit):
     assert exposed.flagged.tolist() == sorted(exposed.flagged, reverse=True)
 
 
+@end_to_end
 def test_report_folder_never_reused(gray_audit, tmp_path):
     report, model_dir, members, nonmembers = gray_audit
     with pytest.raises(FileExistsError, match="is not empty and is kept"):
         audit.audit(model_dir, members, nonmembers, out=report.out_dir)
 
 
+@end_to_end
 def test_rgb_audit_from_cli(rgb_model, tmp_path):
     unet_dir, rgb = rgb_model
     members = save_pngs(tmp_path / "members", rgb[:6])
