@@ -3,6 +3,9 @@
 ``python -m fcre_utils run --resume DIR`` continues an interrupted or failed run.
 ``python -m fcre_utils sweep GRID.yaml [--out DIR]`` runs the series once per point of a parameter
 grid (see :mod:`fcre_utils.sweeps`); ``sweep --resume OUT`` continues a sweep.
+``python -m fcre_utils audit --model DIR --members SRC --nonmembers SRC [--out DIR]`` attacks any
+diffusers DDPM checkpoint on its owner's images and writes a privacy report
+(:func:`fcre_utils.audit.audit`).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .image_files import RESIZE_MODES, WINDOWS
 from .presets import preset_names
 from .runner import RunFailed, metrics_summary, parse_overrides, resume_series, run_series
 from .sweeps import RESULTS_FILE, resume_sweep, run_sweep, summarise_points
@@ -36,7 +40,60 @@ def build_parser() -> argparse.ArgumentParser:
                        help="new or empty folder for the point run directories and results.csv (default: outputs/sweep-<grid name>-<UTC time>)")
     sweep.add_argument("--resume", default=None, metavar="OUT",
                        help="continue the sweep in OUT: completed points are skipped, unfinished and failed ones continued")
+    add_audit_parser(commands)
     return parser
+
+
+def add_audit_parser(commands) -> None:
+    audit = commands.add_parser("audit", help="attack a diffusers DDPM checkpoint on your own images and write a privacy report")
+    audit.add_argument("--model", required=True, metavar="DIR", help="DDPMPipeline folder, or UNet2DModel folder (config.json + safetensors)")
+    audit.add_argument("--scheduler", default=None, metavar="PATH",
+                       help="scheduler_config.json (or its folder) of a UNet2DModel folder (default: found beside the UNet)")
+    audit.add_argument("--members", required=True, metavar="SRC", help="folder or file of images used in training")
+    audit.add_argument("--nonmembers", required=True, metavar="SRC", help="folder or file of images not used in training")
+    audit.add_argument("--calibration-fraction", type=float, default=0.25, metavar="F",
+                       help="share of each set used to choose attack settings and thresholds, in (0, 1) (default: 0.25)")
+    audit.add_argument("--attacks", nargs="+", default=None, metavar="NAME",
+                       help="attack names or patterns such as 'fcre_*' to report (default: all); every attack still runs")
+    audit.add_argument("--out", default=None, metavar="DIR", help="new or empty report folder (default: outputs/audit-<UTC time>)")
+    audit.add_argument("--preset", default="paper", help=f"attack settings: {', '.join(preset_names())} (default: paper)")
+    audit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one attack setting, such as timesteps=[50,100]; the value is read as YAML (repeatable)")
+    audit.add_argument("--nifti-axis", type=int, default=2, choices=(0, 1, 2), help="axis along which NIfTI volumes are sliced (default: 2)")
+    audit.add_argument("--window", default="minmax", choices=WINDOWS,
+                       help="intensity window of DICOM, NIfTI and float images, per image (default: minmax)")
+    audit.add_argument("--resize", default="auto", choices=RESIZE_MODES,
+                       help="size conversion: pad edges, resize, or auto (pad small gaps, else resize) (default: auto)")
+    audit.add_argument("--skip-unreadable", action="store_true", help="leave out unreadable files with a warning instead of stopping")
+    audit.add_argument("--device", default="cpu", help="torch device for the model, such as cpu or cuda (default: cpu)")
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    """Run ``audit`` from parsed arguments; print the summary, or the error and return 2."""
+    from .audit import DERIVED_PARAMETERS, audit
+
+    try:
+        overrides = parse_overrides(args.overrides)
+        derived = sorted(set(overrides) & set(DERIVED_PARAMETERS))
+        if derived:
+            raise ValueError(
+                f"--set {derived[0]} cannot be overridden: the audit reads {', '.join(DERIVED_PARAMETERS)} from the "
+                "model and the image sets (use --calibration-fraction for the split)"
+            )
+        attacks = [name for value in args.attacks for name in value.split(",") if name] if args.attacks else None
+        report = audit(
+            args.model, args.members, args.nonmembers, calibration_fraction=args.calibration_fraction, attacks=attacks,
+            out=args.out, scheduler=args.scheduler, preset=args.preset, overrides=overrides, nifti_axis=args.nifti_axis,
+            window=args.window, resize=args.resize, skip_unreadable=args.skip_unreadable, device=args.device,
+        )
+    except (KeyError, TypeError, ValueError, FileExistsError, FileNotFoundError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+    print(f"report: {report.out_dir / 'report.md'} (HTML: {report.out_dir / 'report.html'})")
+    print(report.summary)
+    return 0
 
 
 def check_resume_arguments(args: argparse.Namespace) -> None:
@@ -55,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("papermill").setLevel(logging.WARNING)
+    if args.command == "audit":
+        return run_audit(args)
 
     try:
         if args.command == "sweep":

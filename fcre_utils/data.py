@@ -9,6 +9,9 @@ Sources:
 - any npz file with an ``images`` array;
 - a folder of PNG or JPEG files.
 
+Folders and files of every format an audit accepts (PNG, JPEG, TIFF, DICOM, NIfTI, npz) are read
+by :mod:`fcre_utils.image_files`, whose reader and converter are re-exported here.
+
 Splits are seeded and written as a manifest: one row per image with its content hash (SHA-256 of
 the stored pixels), its member flag and its split ("calibration" or "evaluation").
 """
@@ -25,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+
+from .image_files import Preprocessing, read_image_set, to_model_input  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 

@@ -102,21 +102,84 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
             )
 
     unet = _load_unet(folder / "unet").to(device).eval()
-    try:
-        scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
-    except NotImplementedError as error:
-        beta_schedule = DDPMScheduler.load_config(folder / "scheduler").get("beta_schedule")
-        raise ValueError(
-            f"scheduler beta_schedule {beta_schedule!r} in {str(folder / 'scheduler')!r} is not "
-            "implemented by diffusers' DDPMScheduler; use one it implements, such as 'linear'"
-        ) from error
+    return unet, _load_scheduler(folder / "scheduler")
 
-    if scheduler.config.prediction_type != "epsilon":
+
+def load_checkpoint(path: str | os.PathLike, scheduler_config: str | os.PathLike | None = None,
+                    device: str | torch.device = "cpu") -> tuple[UNet2DModel, DDPMScheduler, dict[str, Path]]:
+    """Load the UNet (eval mode) and noise schedule of a DDPMPipeline folder or a UNet2DModel folder.
+
+    Args:
+        path: a DDPMPipeline folder (``unet/``, ``scheduler/``), or a UNet2DModel folder
+            (``config.json`` and safetensors weights).
+        scheduler_config: a ``scheduler_config.json`` file or the folder holding it. When None,
+            the pipeline's ``scheduler/`` is used, else ``scheduler_config.json`` inside the
+            UNet folder, else the ``scheduler/`` folder beside it (a pipeline's ``unet/`` given
+            directly).
+
+    Returns:
+        The UNet, the schedule, and the paths they came from (keys ``unet`` and ``scheduler``).
+
+    Raises:
+        FileNotFoundError: the folder, its weights or its scheduler config is missing.
+        ValueError: the folder contains another model class, the weights are unreadable, or the
+            scheduler does not predict epsilon.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"model folder {str(path)!r} not found; give a diffusers DDPMPipeline folder or a UNet2DModel folder"
+        )
+    unet_folder = path / "unet" if (path / "unet").is_dir() else path
+    if not (unet_folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{str(path)!r} is neither a DDPMPipeline folder (unet/ and scheduler/) nor a UNet2DModel folder "
+            "(config.json and safetensors weights); save the model with save_pretrained"
+        )
+    class_name = UNet2DModel.load_config(unet_folder).get("_class_name", "UNet2DModel")
+    if class_name != "UNet2DModel":
         raise ValueError(
-            f"scheduler prediction_type is {scheduler.config.prediction_type!r}; the attacks "
+            f"{str(unet_folder / 'config.json')!r} describes a {class_name}; only unconditional "
+            "UNet2DModel checkpoints (DDPM) are supported"
+        )
+
+    scheduler_path = _find_scheduler_config(path, unet_folder, scheduler_config)
+    unet = _load_unet(unet_folder).to(device).eval()
+    return unet, _load_scheduler(scheduler_path), {"unet": unet_folder, "scheduler": scheduler_path}
+
+
+def _find_scheduler_config(path: Path, unet_folder: Path, scheduler_config: str | os.PathLike | None) -> Path:
+    if scheduler_config is not None:
+        candidates = [Path(scheduler_config)]
+    else:
+        candidates = [path / "scheduler", unet_folder / "scheduler_config.json", unet_folder.parent / "scheduler"]
+    for candidate in candidates:
+        if candidate.is_file() or (candidate / "scheduler_config.json").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"no scheduler config found (looked for {', '.join(repr(str(c)) for c in candidates)}); give the "
+        "scheduler_config.json of the model's noise schedule (--scheduler on the command line)"
+    )
+
+
+def _load_scheduler(location: Path) -> DDPMScheduler:
+    """Load a DDPM noise schedule from a scheduler folder or config file; epsilon prediction only."""
+    try:
+        config = DDPMScheduler.load_config(location)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read the scheduler config {str(location)!r} ({error}); save it again as JSON") from error
+    if config.get("prediction_type", "epsilon") != "epsilon":
+        raise ValueError(
+            f"scheduler prediction_type is {config['prediction_type']!r}; the attacks "
             "support epsilon prediction only, so use a model trained with prediction_type='epsilon'"
         )
-    return unet, scheduler
+    try:
+        return DDPMScheduler.from_config(config)
+    except NotImplementedError as error:
+        raise ValueError(
+            f"scheduler beta_schedule {config.get('beta_schedule')!r} in {str(location)!r} is not "
+            "implemented by diffusers' DDPMScheduler; use one it implements, such as 'linear'"
+        ) from error
 
 
 def _load_unet(folder: Path) -> UNet2DModel:

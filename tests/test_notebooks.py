@@ -50,3 +50,4 @@ def test_notebooks_under_nbval(npz_dataset, tmp_path):
     assert result.returncode == 0, result.stdout[-4000:]
     assert "failed" not in result.stdout.splitlines()[-1]
     assert (run_dir / "metrics.csv").is_file()
+    assert (run_dir / "audit" / "report.md").is_file()
