@@ -16,6 +16,7 @@ import hashlib
 import logging
 import math
 import time
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -170,10 +171,13 @@ def train_ddpm(
 
 
 def _ema_copy(unet, ema: EMAModel, accelerator: Accelerator) -> UNet2DModel:
-    """Return a CPU copy of the unwrapped network holding the EMA weights."""
-    raw = accelerator.unwrap_model(unet)
-    copy = UNet2DModel.from_config(raw.config)
-    copy.load_state_dict(raw.state_dict())
+    """Return a CPU copy of the unwrapped network holding the EMA weights.
+
+    The copy is a deep copy, not a new network: initialising one would draw from the global RNG
+    and change the training noise after every checkpoint, so the trained weights would depend on
+    ``checkpoint_every`` and ``history_every``.
+    """
+    copy = deepcopy(accelerator.unwrap_model(unet))
     ema.copy_to(copy.parameters())
     return copy.to("cpu").eval()
 

@@ -90,3 +90,12 @@ def test_no_history_without_a_folder_or_with_zero(tmp_path):
     train(tmp_path, epochs=2, history_every=0)
     assert not (tmp_path / "checkpoints").exists()
     assert training.list_snapshots(tmp_path / "checkpoints") == {}
+
+
+def test_checkpoints_and_snapshots_leave_training_unchanged(tmp_path):
+    rare, _ = train(tmp_path / "rare", epochs=4, checkpoint_every=4, history_every=0)
+    params = resolve_params("smoke", {"epochs": 4, "checkpoint_every": 1, "history_every": 1})
+    often, _ = training.train_ddpm(models.build_unet(params), models.build_scheduler(params), small_images(), params,
+                                   tmp_path / "often" / "model", history_dir=tmp_path / "often" / "history")
+    for a, b in zip(rare.parameters(), often.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
