@@ -85,6 +85,25 @@ def predict_noise(unet: UNet2DModel, x: torch.Tensor, t: int) -> torch.Tensor:
     return unet(x, timesteps).sample
 
 
+def ddim_trajectory(unet: UNet2DModel, x0: torch.Tensor, t: int, stride: int, alphas_cumprod: torch.Tensor) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Deterministic DDIM inversion of ``x0`` up to timestep ``t``, keeping every step; ``t // stride`` NFE.
+
+    Returns:
+        states: ``{timestep: state}`` for every timestep of the grid 0, stride, ..., t;
+        eps: ``{timestep: eps_theta(state, timestep)}`` for 0, stride, ..., t - stride, the
+        predictions the inversion ran. Every tensor has the shape of ``x0``.
+    """
+    grid = _timestep_grid(t, stride)
+    alphas = alphas_cumprod.to(x0.device, x0.dtype)
+    states, predictions = {0: x0}, {}
+    x = x0
+    for t_from, t_to in zip(grid[:-1], grid[1:]):
+        predictions[t_from] = predict_noise(unet, x, t_from)
+        x = ddim_move(x, predictions[t_from], alphas[t_from], alphas[t_to])
+        states[t_to] = x
+    return states, predictions
+
+
 def ddim_invert(unet: UNet2DModel, x0: torch.Tensor, t: int, stride: int, alphas_cumprod: torch.Tensor, keep: tuple[int, ...] = ()) -> dict[int, torch.Tensor]:
     """Deterministic DDIM inversion of ``x0`` up to timestep ``t``; ``t // stride`` NFE.
 
@@ -92,19 +111,16 @@ def ddim_invert(unet: UNet2DModel, x0: torch.Tensor, t: int, stride: int, alphas
         ``{timestep: state}`` for ``t`` and every timestep of ``keep`` on the grid
         0, stride, ..., t; each state has the shape of ``x0``.
     """
-    grid = _timestep_grid(t, stride)
-    alphas = alphas_cumprod.to(x0.device, x0.dtype)
-    states = {0: x0} if 0 in keep else {}
-    x = x0
-    for t_from, t_to in zip(grid[:-1], grid[1:]):
-        x = ddim_move(x, predict_noise(unet, x, t_from), alphas[t_from], alphas[t_to])
-        if t_to in keep or t_to == t:
-            states[t_to] = x
-    return states
+    states, _ = ddim_trajectory(unet, x0, t, stride, alphas_cumprod)
+    return {step: state for step, state in states.items() if step in keep or step == t}
 
 
-def ddim_reverse(unet: UNet2DModel, x_t: torch.Tensor, t: int, stride: int, alphas_cumprod: torch.Tensor) -> list[torch.Tensor]:
-    """DDIM reverse process from timestep ``t`` down to 0; ``t // stride`` NFE.
+def ddim_reverse(unet: UNet2DModel, x_t: torch.Tensor, t: int, stride: int, alphas_cumprod: torch.Tensor, eps_t: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """DDIM reverse process from timestep ``t`` down to 0; ``t // stride`` NFE, one less with ``eps_t``.
+
+    Args:
+        eps_t: ``eps_theta(x_t, t)`` when the caller already has it, such as an inversion that
+            passed through ``x_t`` on its way to a larger timestep; computed when None.
 
     Returns:
         The states at timesteps t - stride, t - 2 stride, ..., 0, in that order.
@@ -114,7 +130,8 @@ def ddim_reverse(unet: UNet2DModel, x_t: torch.Tensor, t: int, stride: int, alph
     states = []
     x = x_t
     for t_from, t_to in zip(grid[:0:-1], grid[-2::-1]):
-        x = ddim_move(x, predict_noise(unet, x, t_from), alphas[t_from], alphas[t_to])
+        eps = eps_t if t_from == t and eps_t is not None else predict_noise(unet, x, t_from)
+        x = ddim_move(x, eps, alphas[t_from], alphas[t_to])
         states.append(x)
     return states
 
@@ -131,10 +148,11 @@ class Reconstructions:
     x_t_roundtrip: dict[int, torch.Tensor]  # x_t after one reverse and one inversion step
     x0_recon: dict[int, torch.Tensor]  # DDIM reverse process from x_t back to timestep 0
     nfe: dict[int, int]  # network evaluations per image to reconstruct at t alone
+    eps_0: torch.Tensor | None = None  # eps_theta(x0, 0), the inversion's first prediction; None in older caches
 
     def to_dict(self) -> dict:
         """Plain dict of tensors and ints, loadable with ``torch.load(weights_only=True)``."""
-        return {"x0": self.x0, "x_t": self.x_t, "x_t_roundtrip": self.x_t_roundtrip, "x0_recon": self.x0_recon, "nfe": self.nfe}
+        return {"x0": self.x0, "x_t": self.x_t, "x_t_roundtrip": self.x_t_roundtrip, "x0_recon": self.x0_recon, "nfe": self.nfe, "eps_0": self.eps_0}
 
     @classmethod
     def from_dict(cls, values: dict) -> "Reconstructions":
@@ -153,8 +171,9 @@ def reconstruct(
     """Invert ``x0`` once to the largest t, then reconstruct from every t in ``timesteps``.
 
     The inversion trajectory is shared by all timesteps and both protocols, and the first
-    reverse step from t serves both the residual and the x0 protocol, so the network runs
-    ``max(t) / stride`` times for the inversion plus ``t / stride + 1`` times per timestep.
+    reverse step from t serves both the residual and the x0 protocol. Below the largest t, that
+    first step reuses the inversion's prediction at x_t. The network runs
+    :func:`reconstruction_passes` times per image.
 
     Args:
         unet: noise predictor; run in eval mode under ``torch.inference_mode()``.
@@ -176,16 +195,18 @@ def reconstruct(
     device = next(unet.parameters()).device
     unet.eval()
     parts = {"x_t": {t: [] for t in timesteps}, "x_t_roundtrip": {t: [] for t in timesteps}, "x0_recon": {t: [] for t in timesteps}}
+    eps_0 = []
     start = time.perf_counter()
 
     with torch.inference_mode():
         for begin in tqdm(range(0, len(x0), batch_size), desc="reconstructing", disable=not progress):
             batch = x0[begin : begin + batch_size].to(device)
-            inverted = ddim_invert(unet, batch, timesteps[-1], stride, alphas_cumprod, keep=tuple(timesteps))
+            inverted, predictions = ddim_trajectory(unet, batch, timesteps[-1], stride, alphas_cumprod)
+            eps_0.append(predictions[0].cpu())
 
             for t in timesteps:
                 x_t = inverted[t]
-                reverse_states = ddim_reverse(unet, x_t, t, stride, alphas_cumprod)
+                reverse_states = ddim_reverse(unet, x_t, t, stride, alphas_cumprod, eps_t=predictions.get(t))
                 roundtrip = ddim_step(unet, reverse_states[0], t - stride, t, alphas_cumprod)
                 parts["x_t"][t].append(x_t.cpu())
                 parts["x_t_roundtrip"][t].append(roundtrip.cpu())
@@ -194,7 +215,18 @@ def reconstruct(
     log.info("reconstructed %d images at t=%s (stride %d) in %.1f s", len(x0), timesteps, stride, time.perf_counter() - start)
     joined = {name: {t: torch.cat(chunks) for t, chunks in by_t.items()} for name, by_t in parts.items()}
     nfe = {t: 2 * (t // stride) + 1 for t in timesteps}
-    return Reconstructions(x0=x0.cpu(), nfe=nfe, **joined)
+    return Reconstructions(x0=x0.cpu(), nfe=nfe, eps_0=torch.cat(eps_0), **joined)
+
+
+def reconstruction_passes(timesteps: list[int], stride: int) -> int:
+    """Return the network passes per image that :func:`reconstruct` runs for ``timesteps``.
+
+    The inversion to the largest t takes ``max(t) / stride`` passes. Each t then needs
+    ``t / stride`` reverse passes and one inversion step for the round trip, less the reverse
+    pass at x_t that the inversion already ran for every t below the largest.
+    """
+    timesteps = sorted(set(timesteps))
+    return timesteps[-1] // stride + sum(t // stride for t in timesteps) + 1
 
 
 def residual_roundtrip(unet: UNet2DModel, x_t: torch.Tensor, t: int, stride: int, alphas_cumprod: torch.Tensor) -> torch.Tensor:
