@@ -108,9 +108,9 @@ def run_suite_sharded(accelerator: Accelerator, unet: UNet2DModel, alphas_cumpro
                       manifest, params: Params, recon: Reconstructions | None = None) -> SuiteResult | None:
     """Run :func:`fcre_utils.suite.run_suite` with its network passes split over the processes.
 
-    Every process reconstructs (unless ``recon`` is given) and runs the baselines on its shard;
-    the main process then chooses the settings on the calibration split and scores the chosen
-    ones, which needs no network pass.
+    Every process reconstructs its shard (unless ``recon`` is given) and runs the baselines on
+    it. The main process then chooses the settings on the calibration split and scores the
+    chosen ones, which needs no network pass.
 
     Args:
         unet: the model, on ``accelerator.device``.

@@ -10,9 +10,10 @@ trains the model and, with ``train_control``, the control model. ``score`` write
 02 and 04 write except the figures: the cached reconstructions, the selection, score and metrics
 tables of both models, and ``summary.md``. Only the main process writes files.
 
-``batch_size`` is the batch of each process (see :mod:`fcre_utils.training`). accelerate 1.16
-starts several CPU processes on one machine only through ``--multi_gpu`` with the environment
-variable ``ACCELERATE_USE_CPU=true``; the processes then talk over gloo.
+``batch_size`` is the batch of each process (see :mod:`fcre_utils.training`). On a machine
+without GPUs, accelerate 1.16's ``--cpu`` flag starts one process unless mpirun is installed
+(``--mpirun_hostfile``). ``--multi_gpu`` with the environment variable ``ACCELERATE_USE_CPU=true``
+starts several CPU processes, which then communicate over gloo.
 """
 
 from __future__ import annotations

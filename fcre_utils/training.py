@@ -6,8 +6,8 @@ processes (see :mod:`fcre_utils.launch`). The EMA weights are what gets saved an
 With P processes, ``batch_size`` is the batch of each process: every optimizer step averages the
 gradients of P batches, so an epoch takes about 1/P of the steps of one process. Setting
 ``batch_size`` to the one-process value divided by P keeps the batch per step and the steps per
-epoch of one process. Each process draws its own noise (seed + process index), so one process
-draws exactly what it drew before multi-process support existed.
+epoch of one process. Each process draws its own noise, seeded with seed + process index, so a
+single process draws the same noise as with ``set_seed(seed)``.
 
 Every checkpoint also writes a training state (network, optimizer, EMA, RNG states, epoch and loss
 log) to ``<model_dir parent>/training_state/<model_dir name>/state.pt``, so a killed run resumes
