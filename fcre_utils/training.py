@@ -227,7 +227,12 @@ def _read_state(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | Non
 
 
 def _capture(epoch, log_rows, unet, optimizer, ema: EMAModel, generator: torch.Generator, fingerprint) -> dict[str, Any]:
-    """Collect everything the loop needs to continue after ``epoch`` as tensors and plain values."""
+    """Collect everything the loop needs to continue after ``epoch`` as tensors and plain values.
+
+    NOTE: only the main process calls this, so the RNG states are its own. With several
+    processes every process resumes from them, and the noise after a resume differs from an
+    uninterrupted run's.
+    """
     state = {
         "epoch": epoch,
         "log": {column: [row[column] for row in log_rows] for column in ("epoch", "loss", "seconds")},
