@@ -59,6 +59,8 @@ from fcre_utils.suite import run_suite, suite_candidates  # noqa: E402
 
 TRAINING_TARGET = 1.10  # at most this many times the bare loop's time per step
 SUITE_TARGET = 5.0  # at least this many times the per-image loop's images per second
+LINEAR_TOLERANCE = 0.10  # time is linear when no size deviates more than this from the fitted line
+FLAT_TOLERANCE = 0.10  # memory is flat when, beyond the stored results, the peak grows less than this share of the smallest run's peak
 
 
 # ---------------------------------------------------------------- machine and data
@@ -358,11 +360,11 @@ def benchmark_suite(unet, alphas_cumprod, images: torch.Tensor, manifest: pd.Dat
 
 # ---------------------------------------------------------------- scaling
 
-def scaling_child(model_dir: str, n: int, n_members: int, preset: str, threads: int | None) -> dict:
-    """Run the suite on ``n`` images in this (fresh) process; return its time and peak memory."""
+def scaling_child(model_dir: str, n: int, n_members: int, preset: str, threads: int | None, batch_size: int) -> dict:
+    """Run the suite on ``n`` images, ``batch_size`` per batch, in this (fresh) process; return its time and peak memory."""
     if threads:
         torch.set_num_threads(threads)
-    params = resolve_params(preset, {"progress": False})
+    params = resolve_params(preset, {"progress": False, "score_batch_size": batch_size})
     unet, scheduler = models.load_model(model_dir)
     images, _ = load_images(params, n_members + n)
     manifest = benchmark_manifest(n, n_members)
@@ -409,26 +411,31 @@ class RssSampler:
         self._thread.join()
 
 
-def benchmark_scaling(model_dir: Path, sizes: list[int], n_members: int, preset: str, threads: int | None, params: Params) -> dict:
+def benchmark_scaling(model_dir: Path, sizes: list[int], n_members: int, preset: str, threads: int | None, batch_size: int, params: Params) -> dict:
     """Run :func:`scaling_child` once per size, each in a new process, and fit time = a + b n."""
     rows = []
     for n in sizes:
         with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            rows.append(pool.submit(scaling_child, str(model_dir), n, n_members, preset, threads).result())
+            rows.append(pool.submit(scaling_child, str(model_dir), n, n_members, preset, threads, batch_size).result())
         print(f"scaling: {n} images in {rows[-1]['seconds']:.1f} s, peak RSS {rows[-1]['suite_peak_rss_mb']:.0f} MB", flush=True)
 
     counts = np.array([row["images"] for row in rows], dtype=float)
     seconds = np.array([row["seconds"] for row in rows])
     slope, intercept = np.polyfit(counts, seconds, 1)
-    predicted = intercept + slope * counts
-    # each image keeps its reconstructions: x0, eps_0 and three states per t, in float32
+    deviation = float(np.max(np.abs(seconds - (intercept + slope * counts)) / seconds))
+
+    # Each image keeps its reconstructions: x0, eps_0 and three states per t, in float32.
     stored_mb_per_image = (2 + 3 * len(params.timesteps)) * params.image_size**2 * 4 / 2**20
     peaks = np.array([row["suite_peak_rss_mb"] for row in rows])
+    extra_growth = float(peaks[-1] - peaks[0] - stored_mb_per_image * (counts[-1] - counts[0]))
     return {
+        "batch_size": batch_size,
         "runs": rows,
-        "time_fit": {"seconds_per_image": slope, "intercept_s": intercept, "max_relative_residual": float(np.max(np.abs(seconds - predicted) / seconds))},
+        "time_fit": {"seconds_per_image": slope, "intercept_s": intercept, "max_relative_deviation": deviation,
+                     "target": LINEAR_TOLERANCE, "met": deviation <= LINEAR_TOLERANCE},
         "memory_fit": {"peak_rss_mb_per_image": float(np.polyfit(counts, peaks, 1)[0]), "stored_results_mb_per_image": stored_mb_per_image,
-                       "peak_rss_growth_mb": float(peaks[-1] - peaks[0])},
+                       "peak_rss_growth_mb": float(peaks[-1] - peaks[0]), "growth_beyond_stored_results_mb": extra_growth,
+                       "target": FLAT_TOLERANCE, "met": extra_growth <= FLAT_TOLERANCE * peaks[0]},
     }
 
 
@@ -461,9 +468,10 @@ FCRE_DATA_DIR=../shared/data .venv/bin/python benchmarks/run_benchmarks.py --out
 ```
 
 Every run writes a new record (`benchmarks/results/<name>.json` and `.md`) and this page shows
-the newest. The flags set the sizes (`--help` lists them); the defaults take about 6 minutes on 2
-idle CPU cores. Timings from a machine shared with other jobs are slower and noisier, so the
-record keeps the load average at the start and at the end.
+the newest. The flags set the sizes (`--help` lists them). The defaults are sized for about 5
+minutes on 2 idle CPU cores, an estimate from per-image costs. Timings from a machine shared
+with other jobs are slower and noisier, so the record keeps the load average at the start and
+at the end.
 
 How each number is measured:
 
@@ -479,9 +487,12 @@ How each number is measured:
   (input, timestep) pair, so "distinct inputs" shows whether any input was evaluated twice.
   "Distinct needs" counts what the candidates need when the DDIM trajectory and the noised
   batches run once.
-- **Scaling**: the suite on growing image counts, each in a fresh process, with the peak resident
-  memory of that process. The suite keeps every image's reconstructions, so memory grows by
-  "stored results" per image at least; everything else is done batch by batch.
+- **Scaling**: the suite on growing image counts, each in a fresh process with a batch size below
+  the smallest count, and the peak resident memory a thread samples every 5 ms during the suite.
+  The suite keeps every image's reconstructions, so memory grows by "stored results" per image;
+  the network runs batch by batch and SSIM 64 images at a time, so nothing else should grow.
+  Time counts as linear when no size deviates more than 10% from the fitted line, and memory as
+  flat when the peak grows, beyond the stored results, by less than 10% of the smallest run's.
 
 """
 
@@ -489,6 +500,7 @@ How each number is measured:
 def render(record: dict) -> str:
     """Format a record as markdown."""
     machine, train, suite = record["machine"], record["training"], record["suite"]
+    time_fit, memory_fit = record["scaling"]["time_fit"], record["scaling"]["memory_fit"]
     lines = [
         f"## Record `{record['name']}`", "",
         f"Created {record['created_utc']} by `{' '.join(record['command'])}`" + (f". Note: {record['note']}" if record.get("note") else "") + ".", "",
@@ -509,6 +521,9 @@ def render(record: dict) -> str:
         f"| suite images per second / per-image loop | {suite['ratio']:.1f} | at least {suite['target']:.0f} | {_yes(suite['met'])} |",
         f"| suite UNet passes per image / distinct needs | {suite['passes_per_image']:.1f} / {suite['distinct_needs_per_image']} "
         f"(distinct inputs {suite['distinct_inputs_per_image']:.1f}) | passes <= needs, no input twice | {_yes(suite['passes_met'])} |",
+        f"| suite time, largest deviation from a line through the sizes | {time_fit['max_relative_deviation']:.1%} | at most {time_fit['target']:.0%} | {_yes(time_fit['met'])} |",
+        f"| suite peak RSS growth over the sizes, beyond the stored results | {memory_fit['growth_beyond_stored_results_mb']:.0f} MB "
+        f"| at most {memory_fit['target']:.0%} of the smallest peak | {_yes(memory_fit['met'])} |",
         "",
         "### Training", "",
         f"{train['members']} members, batch {train['batch_size']}, {train['epochs']} epochs ({train['steps']} steps) per run, "
@@ -525,12 +540,13 @@ def render(record: dict) -> str:
         f"{suite['distinct_needs_per_image']} distinct needs, {suite['reported_passes_per_image']:.1f} reported by `SuiteResult`; "
         f"the per-image loop runs {suite['reference_passes_per_image']:.0f}.", "",
         "### Scaling", "",
+        f"`run_suite` with {record['scaling']['batch_size']} images per batch, each size in a fresh process.", "",
         pd.DataFrame(record["scaling"]["runs"]).to_markdown(index=False, floatfmt=".2f"), "",
-        f"Time fit: {record['scaling']['time_fit']['seconds_per_image']:.3f} s per image + {record['scaling']['time_fit']['intercept_s']:.2f} s, "
-        f"largest deviation from the line {record['scaling']['time_fit']['max_relative_residual']:.1%}. "
-        f"Peak RSS grows {record['scaling']['memory_fit']['peak_rss_mb_per_image']:.3f} MB per image "
-        f"({record['scaling']['memory_fit']['peak_rss_growth_mb']:.0f} MB over the sizes); the stored reconstructions take "
-        f"{record['scaling']['memory_fit']['stored_results_mb_per_image']:.3f} MB per image.", "",
+        f"Time fit: {time_fit['seconds_per_image']:.3f} s per image + {time_fit['intercept_s']:.2f} s, "
+        f"largest deviation from the line {time_fit['max_relative_deviation']:.1%}. "
+        f"Peak RSS during the suite grows {memory_fit['peak_rss_mb_per_image']:.3f} MB per image "
+        f"({memory_fit['peak_rss_growth_mb']:.0f} MB over the sizes); the stored reconstructions take "
+        f"{memory_fit['stored_results_mb_per_image']:.3f} MB per image.", "",
     ]
     return "\n".join(lines)
 
@@ -557,6 +573,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--suite-images", type=int, default=128, help="images the suite scores (default: 128)")
     parser.add_argument("--reference-images", type=int, default=4, help="images of every per-image loop (default: 4)")
     parser.add_argument("--sizes", default="64,128,256", help="image counts of the scaling runs, comma-separated (default: 64,128,256)")
+    parser.add_argument("--scaling-batch-size", type=int, default=32,
+                        help="score_batch_size of the scaling runs, below the smallest size so memory can stay flat (default: 32)")
     return parser.parse_args(argv)
 
 
@@ -588,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as folder:
         models.save_model(model, models.build_scheduler(params), Path(folder) / "model")
-        scaling = benchmark_scaling(Path(folder) / "model", sizes, args.train_members, args.preset, args.threads, params)
+        scaling = benchmark_scaling(Path(folder) / "model", sizes, args.train_members, args.preset, args.threads, args.scaling_batch_size, params)
 
     machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     record = {
