@@ -130,12 +130,16 @@ def balance_l2_weight(ssim: np.ndarray, l2: np.ndarray) -> float:
 
 
 def lowpass(images: torch.Tensor, cutoff: float | None) -> torch.Tensor:
-    """Keep the band ``[0, cutoff)`` of each image, or return the images unchanged when ``cutoff`` is None."""
-    return images if cutoff is None else bandpass(images, 0.0, cutoff)
+    """Keep the band ``[0, cutoff)`` of each image, or return the images unchanged when ``cutoff`` is None.
+
+    Filtered images come back on the CPU, because the float64 FFT is not available on Apple MPS.
+    """
+    return images if cutoff is None else bandpass(images.cpu(), 0.0, cutoff)
 
 
 def _mean_power(difference: torch.Tensor, power: int) -> np.ndarray:
-    return difference.to(torch.float64).abs().pow(power).flatten(1).mean(dim=1).cpu().numpy()
+    # float64 on the CPU: MPS has no float64, and these per-image sums are cheap next to a network pass
+    return difference.cpu().to(torch.float64).abs().pow(power).flatten(1).mean(dim=1).numpy()
 
 
 def naive_error(eps: torch.Tensor, eps_pred: torch.Tensor, cutoff: float | None = None) -> np.ndarray:
@@ -167,7 +171,7 @@ def pia_start(x0: torch.Tensor, eps_0: torch.Tensor, t: int, alphas_cumprod: tor
 
 def sima_norm(eps_pred: torch.Tensor) -> np.ndarray:
     """l2 norm of each image's predicted noise, (N,)."""
-    return eps_pred.to(torch.float64).flatten(1).norm(dim=1).cpu().numpy()
+    return eps_pred.cpu().to(torch.float64).flatten(1).norm(dim=1).numpy()
 
 
 def lowpass_name(attack: str, cutoff: float | None) -> str:

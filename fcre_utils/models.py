@@ -86,8 +86,10 @@ def save_model(unet: UNet2DModel, scheduler: DDPMScheduler, folder: str | os.Pat
     return folder
 
 
-def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[UNet2DModel, DDPMScheduler]:
+def load_model(folder: str | os.PathLike, device: str | torch.device | None = None) -> tuple[UNet2DModel, DDPMScheduler]:
     """Load the UNet (eval mode) and noise schedule of a DDPMPipeline folder.
+
+    The UNet goes to ``device``, or to :func:`pick_device` when it is None.
 
     Raises:
         FileNotFoundError: the folder, its ``unet/`` or its ``scheduler/`` is missing.
@@ -101,7 +103,7 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
                 "(train one with notebook 01 or save one with DDPMPipeline.save_pretrained)"
             )
 
-    unet = _load_unet(folder / "unet").to(device).eval()
+    unet = _load_unet(folder / "unet").to(device or pick_device()).eval()
     return unet, _load_scheduler(folder / "scheduler")
 
 
@@ -226,7 +228,11 @@ def check_images_fit(unet: UNet2DModel, images: torch.Tensor) -> None:
 
 
 def pick_device() -> torch.device:
-    """Return CUDA if available, then Apple MPS, then CPU."""
+    """Return CUDA if available, then Apple MPS, then CPU.
+
+    :func:`load_model` places the model there, and training runs where accelerate puts it (the same
+    order). ``environment.yaml`` records the result.
+    """
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():

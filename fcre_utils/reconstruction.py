@@ -85,6 +85,25 @@ def predict_noise(unet: UNet2DModel, x: torch.Tensor, t: int) -> torch.Tensor:
     return unet(x, timesteps).sample
 
 
+def ddim_invert_trajectory(unet: UNet2DModel, x0: torch.Tensor, t: int, stride: int, alphas_cumprod: torch.Tensor) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Deterministic DDIM inversion of ``x0`` up to timestep ``t``, keeping every step; ``t // stride`` NFE.
+
+    Returns:
+        states: ``{timestep: state}`` for every timestep of the grid 0, stride, ..., t;
+        eps: ``{timestep: eps_theta(state, timestep)}`` for 0, stride, ..., t - stride, the
+        predictions the inversion ran. Every tensor has the shape of ``x0``.
+    """
+    grid = _timestep_grid(t, stride)
+    alphas = alphas_cumprod.to(x0.device, x0.dtype)
+    states, predictions = {0: x0}, {}
+    x = x0
+    for t_from, t_to in zip(grid[:-1], grid[1:]):
+        predictions[t_from] = predict_noise(unet, x, t_from)
+        x = ddim_move(x, predictions[t_from], alphas[t_from], alphas[t_to])
+        states[t_to] = x
+    return states, predictions
+
+
 def ddim_invert(unet: UNet2DModel, x0: torch.Tensor, t: int, stride: int, alphas_cumprod: torch.Tensor, keep: tuple[int, ...] = ()) -> dict[int, torch.Tensor]:
     """Deterministic DDIM inversion of ``x0`` up to timestep ``t``; ``t // stride`` NFE.
 
@@ -92,15 +111,32 @@ def ddim_invert(unet: UNet2DModel, x0: torch.Tensor, t: int, stride: int, alphas
         ``{timestep: state}`` for ``t`` and every timestep of ``keep`` on the grid
         0, stride, ..., t; each state has the shape of ``x0``.
     """
+    states, _ = ddim_invert_trajectory(unet, x0, t, stride, alphas_cumprod)
+    return {step: state for step, state in states.items() if step in keep or step == t}
+
+
+def ddim_reverse_trajectory(unet: UNet2DModel, x_t: torch.Tensor, t: int, stride: int, alphas_cumprod: torch.Tensor,
+                            eps_t: torch.Tensor | None = None) -> tuple[list[torch.Tensor], dict[int, torch.Tensor]]:
+    """DDIM reverse process from timestep ``t`` down to 0; ``t // stride`` NFE, one less with ``eps_t``.
+
+    Args:
+        eps_t: ``eps_theta(x_t, t)`` when the caller already has it, such as an inversion that
+            passed through ``x_t`` on its way to a larger timestep; computed when None.
+
+    Returns:
+        states: the states at timesteps t - stride, t - 2 stride, ..., 0, in that order;
+        eps: ``{timestep: eps_theta(state, timestep)}`` for t, t - stride, ..., stride, the
+        prediction that moved each state one step down.
+    """
     grid = _timestep_grid(t, stride)
-    alphas = alphas_cumprod.to(x0.device, x0.dtype)
-    states = {0: x0} if 0 in keep else {}
-    x = x0
-    for t_from, t_to in zip(grid[:-1], grid[1:]):
-        x = ddim_move(x, predict_noise(unet, x, t_from), alphas[t_from], alphas[t_to])
-        if t_to in keep or t_to == t:
-            states[t_to] = x
-    return states
+    alphas = alphas_cumprod.to(x_t.device, x_t.dtype)
+    states, predictions = [], {}
+    x = x_t
+    for t_from, t_to in zip(grid[:0:-1], grid[-2::-1]):
+        predictions[t_from] = eps_t if t_from == t and eps_t is not None else predict_noise(unet, x, t_from)
+        x = ddim_move(x, predictions[t_from], alphas[t_from], alphas[t_to])
+        states.append(x)
+    return states, predictions
 
 
 def ddim_reverse(unet: UNet2DModel, x_t: torch.Tensor, t: int, stride: int, alphas_cumprod: torch.Tensor) -> list[torch.Tensor]:
@@ -109,13 +145,7 @@ def ddim_reverse(unet: UNet2DModel, x_t: torch.Tensor, t: int, stride: int, alph
     Returns:
         The states at timesteps t - stride, t - 2 stride, ..., 0, in that order.
     """
-    grid = _timestep_grid(t, stride)
-    alphas = alphas_cumprod.to(x_t.device, x_t.dtype)
-    states = []
-    x = x_t
-    for t_from, t_to in zip(grid[:0:-1], grid[-2::-1]):
-        x = ddim_move(x, predict_noise(unet, x, t_from), alphas[t_from], alphas[t_to])
-        states.append(x)
+    states, _ = ddim_reverse_trajectory(unet, x_t, t, stride, alphas_cumprod)
     return states
 
 
@@ -131,10 +161,11 @@ class Reconstructions:
     x_t_roundtrip: dict[int, torch.Tensor]  # x_t after one reverse and one inversion step
     x0_recon: dict[int, torch.Tensor]  # DDIM reverse process from x_t back to timestep 0
     nfe: dict[int, int]  # network evaluations per image to reconstruct at t alone
+    eps_0: torch.Tensor | None = None  # eps_theta(x0, 0), the inversion's first prediction; None in older caches
 
     def to_dict(self) -> dict:
         """Plain dict of tensors and ints, loadable with ``torch.load(weights_only=True)``."""
-        return {"x0": self.x0, "x_t": self.x_t, "x_t_roundtrip": self.x_t_roundtrip, "x0_recon": self.x0_recon, "nfe": self.nfe}
+        return {"x0": self.x0, "x_t": self.x_t, "x_t_roundtrip": self.x_t_roundtrip, "x0_recon": self.x0_recon, "nfe": self.nfe, "eps_0": self.eps_0}
 
     @classmethod
     def from_dict(cls, values: dict) -> "Reconstructions":
@@ -152,9 +183,10 @@ def reconstruct(
 ) -> Reconstructions:
     """Invert ``x0`` once to the largest t, then reconstruct from every t in ``timesteps``.
 
-    The inversion trajectory is shared by all timesteps and both protocols, and the first
-    reverse step from t serves both the residual and the x0 protocol, so the network runs
-    ``max(t) / stride`` times for the inversion plus ``t / stride + 1`` times per timestep.
+    The inversion trajectory is shared by all timesteps and both protocols, and so is the reverse
+    process: the residual protocol's round trip takes the first reverse step and steps back up
+    with the prediction of the second. Below the largest t, the first reverse step reuses the
+    inversion's prediction at x_t. The network runs :func:`reconstruction_passes` times per image.
 
     Args:
         unet: noise predictor; run in eval mode under ``torch.inference_mode()``.
@@ -176,25 +208,40 @@ def reconstruct(
     device = next(unet.parameters()).device
     unet.eval()
     parts = {"x_t": {t: [] for t in timesteps}, "x_t_roundtrip": {t: [] for t in timesteps}, "x0_recon": {t: [] for t in timesteps}}
+    eps_0 = []
     start = time.perf_counter()
 
     with torch.inference_mode():
         for begin in tqdm(range(0, len(x0), batch_size), desc="reconstructing", disable=not progress):
             batch = x0[begin : begin + batch_size].to(device)
-            inverted = ddim_invert(unet, batch, timesteps[-1], stride, alphas_cumprod, keep=tuple(timesteps))
+            inverted, predictions = ddim_invert_trajectory(unet, batch, timesteps[-1], stride, alphas_cumprod)
+            eps_0.append(predictions[0].cpu())
 
             for t in timesteps:
                 x_t = inverted[t]
-                reverse_states = ddim_reverse(unet, x_t, t, stride, alphas_cumprod)
-                roundtrip = ddim_step(unet, reverse_states[0], t - stride, t, alphas_cumprod)
+                reverse_states, reverse_eps = ddim_reverse_trajectory(unet, x_t, t, stride, alphas_cumprod, eps_t=predictions.get(t))
+                roundtrip = ddim_step(unet, reverse_states[0], t - stride, t, alphas_cumprod, eps=reverse_eps.get(t - stride))
                 parts["x_t"][t].append(x_t.cpu())
                 parts["x_t_roundtrip"][t].append(roundtrip.cpu())
                 parts["x0_recon"][t].append(reverse_states[-1].cpu())
 
     log.info("reconstructed %d images at t=%s (stride %d) in %.1f s", len(x0), timesteps, stride, time.perf_counter() - start)
     joined = {name: {t: torch.cat(chunks) for t, chunks in by_t.items()} for name, by_t in parts.items()}
-    nfe = {t: 2 * (t // stride) + 1 for t in timesteps}
-    return Reconstructions(x0=x0.cpu(), nfe=nfe, **joined)
+    nfe = {t: reconstruction_passes([t], stride) for t in timesteps}
+    return Reconstructions(x0=x0.cpu(), nfe=nfe, eps_0=torch.cat(eps_0), **joined)
+
+
+def reconstruction_passes(timesteps: list[int], stride: int) -> int:
+    """Return the network passes per image that :func:`reconstruct` runs for ``timesteps``.
+
+    The inversion to the largest t takes ``max(t) / stride`` passes and each t then ``t / stride``
+    reverse passes, less the one at x_t that the inversion ran for every t below the largest.
+    The round trip's step back up reuses the second reverse pass, except at t = stride, where
+    the reverse process has no second pass.
+    """
+    timesteps = sorted(set(timesteps))
+    reverse = sum(t // stride for t in timesteps) - (len(timesteps) - 1)
+    return timesteps[-1] // stride + reverse + timesteps.count(stride)
 
 
 def residual_roundtrip(unet: UNet2DModel, x_t: torch.Tensor, t: int, stride: int, alphas_cumprod: torch.Tensor) -> torch.Tensor:
@@ -203,7 +250,12 @@ def residual_roundtrip(unet: UNet2DModel, x_t: torch.Tensor, t: int, stride: int
     return ddim_step(unet, previous, t - stride, t, alphas_cumprod)
 
 
-def ddim_step(unet: UNet2DModel, x: torch.Tensor, t_from: int, t_to: int, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """Take one DDIM step from timestep ``t_from`` to ``t_to``, in either direction (1 NFE)."""
+def ddim_step(unet: UNet2DModel, x: torch.Tensor, t_from: int, t_to: int, alphas_cumprod: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+    """Take one DDIM step from timestep ``t_from`` to ``t_to``, in either direction.
+
+    1 NFE, or none when ``eps``, the prediction ``eps_theta(x, t_from)``, is given.
+    """
     alphas = alphas_cumprod.to(x.device, x.dtype)
-    return ddim_move(x, predict_noise(unet, x, t_from), alphas[t_from], alphas[t_to])
+    if eps is None:
+        eps = predict_noise(unet, x, t_from)
+    return ddim_move(x, eps, alphas[t_from], alphas[t_to])

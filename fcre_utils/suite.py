@@ -6,9 +6,10 @@ measures it on the calibration split only, keeps the best per attack (highest AU
 TPR at 1% and at 0.1% FPR, then fewest NFE), and returns the chosen settings' scores for every
 image. The evaluation split never influences a choice.
 
-Network passes are shared: one prediction ``eps_theta(x0, 0)`` serves PIA and PIAN at every t,
-one noised batch serves the naive attack with and without its low-pass filter, and SecMI-stat
-and FCRE read the cached DDIM trajectories of :func:`fcre_utils.reconstruction.reconstruct`.
+Network passes are shared: one prediction ``eps_theta(x0, 0)`` serves PIA and PIAN at every t
+(taken from the DDIM inversion when the reconstructions have it), one noised batch serves the
+naive attack with and without its low-pass filter, and SecMI-stat and FCRE read the cached DDIM
+trajectories of :func:`fcre_utils.reconstruction.reconstruct`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from .attacks import (
 )
 from .metrics import attack_metrics, check_labels
 from .presets import Params
-from .reconstruction import Reconstructions, forward_noise, predict_noise, protocol_nfe, reconstruct
+from .reconstruction import Reconstructions, forward_noise, predict_noise, protocol_nfe, reconstruct, reconstruction_passes
 
 log = logging.getLogger(__name__)
 
@@ -226,19 +227,24 @@ def baseline_candidates(
     stride: int,
     seed: int = 0,
     batch_size: int = 256,
+    first_image: int = 0,
 ) -> tuple[list[Candidate], float]:
     """Score every image with every baseline at every candidate setting.
 
     Args:
         unet, alphas_cumprod: the model under attack and its cumulative schedule.
-        images: every image of the manifest (N, C, H, W), in manifest order.
-        recon: reconstructions of the same images; SecMI-stat reads its states at t.
+        images: every image of the manifest (N, C, H, W), in manifest order, or one shard of them.
+        recon: reconstructions of the same images; SecMI-stat reads its states at t, and PIA
+            its ``eps_0`` when present.
         timesteps: candidate t per attack family: keys ``naive``, ``secmi``, ``pia``, ``sima``.
         cutoffs: low-pass cutoffs of the frequency-filter variants.
         draws: noise draws of the naive attack.
         stride: DDIM stride of ``recon`` (SecMI's k).
         seed: seed of the naive attack's noise; each t draws the same sequence as
             :class:`fcre_utils.attacks.NaiveLossAttack` with this seed.
+        first_image: position of ``images[0]`` in the full image set, a multiple of
+            ``batch_size``. The naive attack first draws and discards the noise of the images
+            before it, so a shard gets the noise it would get in one run over the full set.
 
     Returns:
         The candidates, and the network passes per image that this function ran.
@@ -248,7 +254,11 @@ def baseline_candidates(
     naive = {(t, c): [] for t in timesteps["naive"] for c in filters}
     pia = {(t, normalized, c): [] for t in timesteps["pia"] for normalized in (False, True) for c in (filters if not normalized else [None])}
     sima = {t: [] for t in timesteps["sima"]}
+    if first_image % batch_size:
+        raise ValueError(f"first_image={first_image} must be a multiple of batch_size={batch_size}, so each shard starts a batch")
     generators = {t: torch.Generator().manual_seed(seed) for t in timesteps["naive"]}
+    for generator in generators.values():
+        _skip_noise(generator, first_image, images.shape[1:], images.dtype, batch_size, draws)
     passes = 0
 
     def eps(x: torch.Tensor, t: int) -> torch.Tensor:
@@ -270,7 +280,7 @@ def baseline_candidates(
                     naive[t, c].append(totals[c] / draws)
 
             if timesteps["pia"]:
-                eps_0 = eps(x0, 0)
+                eps_0 = eps(x0, 0) if recon.eps_0 is None else recon.eps_0[begin : begin + batch_size].to(device)
                 starts = {False: eps_0, True: gaussian_rescale(eps_0)}  # PIA, PIAN
                 for t in timesteps["pia"]:
                     for normalized, start in starts.items():
@@ -294,6 +304,13 @@ def baseline_candidates(
     for t, parts in sima.items():
         candidates.append(Candidate("sima", f"t={t}", 1, t, np.nan, np.nan, -np.concatenate(parts)))
     return candidates, passes / len(images)
+
+
+def _skip_noise(generator: torch.Generator, n_images: int, shape: torch.Size, dtype: torch.dtype, batch_size: int, draws: int) -> None:
+    """Draw and discard the naive attack's noise for ``n_images`` images, batch by batch as the loop draws it."""
+    for begin in range(0, n_images, batch_size):
+        for _ in range(draws):
+            torch.randn((min(batch_size, n_images - begin), *shape), generator=generator, dtype=dtype)
 
 
 def _band(cutoff: float | None) -> str:
@@ -324,7 +341,8 @@ def suite_candidates(params: Params) -> tuple[dict[str, list[int]], list[float],
 
 
 def run_suite(unet: UNet2DModel, alphas_cumprod: torch.Tensor, images: torch.Tensor, manifest: pd.DataFrame, params: Params,
-              recon: Reconstructions | None = None, reference: Reconstructions | None = None) -> SuiteResult:
+              recon: Reconstructions | None = None, reference: Reconstructions | None = None,
+              baselines: tuple[list[Candidate], float] | None = None) -> SuiteResult:
     """Run every attack on every image of the manifest with settings chosen on calibration.
 
     Args:
@@ -335,6 +353,8 @@ def run_suite(unet: UNet2DModel, alphas_cumprod: torch.Tensor, images: torch.Ten
         recon: cached reconstructions of ``images`` with this model; computed when ``None``.
         reference: reconstructions of ``images`` by a reference model trained on other images of
             the same kind; adds the difficulty-calibrated attacks ``fcre_*_calibrated``.
+        baselines: the output of :func:`baseline_candidates` for these images, for example
+            gathered from several processes; computed when ``None``.
     """
     if len(images) != len(manifest):
         raise ValueError(f"{len(images)} images for a manifest of {len(manifest)} rows; pass the manifest's images in order")
@@ -346,8 +366,10 @@ def run_suite(unet: UNet2DModel, alphas_cumprod: torch.Tensor, images: torch.Ten
     if len(recon.x0) != len(images):
         raise ValueError(f"the reconstructions hold {len(recon.x0)} images but {len(images)} were given; reconstruct these images")
 
-    baselines, passes = baseline_candidates(unet, alphas_cumprod, images, recon, families, cutoffs, params.naive_draws,
-                                            params.ddim_stride, params.seed, params.score_batch_size)
+    if baselines is None:
+        baselines = baseline_candidates(unet, alphas_cumprod, images, recon, families, cutoffs, params.naive_draws,
+                                        params.ddim_stride, params.seed, params.score_batch_size)
+    baselines, passes = baselines
     baseline_table = rank_candidates(baselines, labels, calibration)
     fcre_table = select_fcre_settings(recon, manifest, fcre_timesteps, bands, params.ddim_stride)
     tables = [baseline_table, fcre_table]
@@ -363,10 +385,8 @@ def run_suite(unet: UNet2DModel, alphas_cumprod: torch.Tensor, images: torch.Ten
         + ([reference_scores_table(recon, reference, manifest, reference_table, params.ddim_stride)] if reference is not None else []),
         ignore_index=True,
     )
-    # one shared inversion to the largest t, then t / stride + 1 passes back from each t
-    reconstruction_passes = max(recon.nfe) // params.ddim_stride + sum(t // params.ddim_stride + 1 for t in recon.nfe)
     log.info("scored %d images with %d attacks (%d candidate settings)", len(images), scores.attack.nunique(), len(selection))
-    return SuiteResult(scores, selection, passes, reconstruction_passes)
+    return SuiteResult(scores, selection, passes, reconstruction_passes(list(recon.nfe), params.ddim_stride))
 
 
 def score_table(manifest: pd.DataFrame, attack: str, setting: str, nfe: int, scores: np.ndarray) -> pd.DataFrame:

@@ -1,7 +1,13 @@
 """Train a DDPM on the member images with accelerate, keeping EMA weights.
 
 One CPU process by default; ``accelerate launch`` runs the same loop on several GPUs or
-processes. The EMA weights are what gets saved and attacked.
+processes (see :mod:`fcre_utils.launch`). The EMA weights are what gets saved and attacked.
+
+With P processes, ``batch_size`` is the batch of each process: every optimizer step averages the
+gradients of P batches, so an epoch takes about 1/P of the steps of one process. Setting
+``batch_size`` to the one-process value divided by P keeps the batch per step and the steps per
+epoch of one process. Each process draws its own noise, seeded with seed + process index, so a
+single process draws the same noise as with ``set_seed(seed)``.
 
 Every checkpoint also writes a training state (network, optimizer, EMA, RNG states, epoch and loss
 log) to ``<model_dir parent>/training_state/<model_dir name>/state.pt``, so a killed run resumes
@@ -96,8 +102,8 @@ def train_ddpm(
         )
 
     # 1. set up accelerate, seeded data order and the optimizer
-    set_seed(params.seed)
     accelerator = Accelerator(mixed_precision=params.mixed_precision)
+    set_seed(params.seed, device_specific=True)
     generator = torch.Generator().manual_seed(params.seed)
     loader = DataLoader(
         TensorDataset(members), batch_size=params.batch_size, shuffle=True, generator=generator
@@ -124,7 +130,9 @@ def train_ddpm(
     bar = tqdm(range(first_epoch, params.epochs + 1), desc="training", disable=not params.progress)
     unet.train()
     for epoch in bar:
-        total, count = 0.0, 0
+        # The sums stay on the device, so the loop waits for the device once per epoch, not per step.
+        total = torch.zeros((), device=accelerator.device)
+        count = 0
         for (x0,) in loader:
             noise = torch.randn_like(x0)
             t = torch.randint(0, num_timesteps, (x0.shape[0],), device=x0.device)
@@ -137,10 +145,12 @@ def train_ddpm(
             optimizer.zero_grad(set_to_none=True)
             ema.step(accelerator.unwrap_model(unet).parameters())
 
-            total += loss.item() * x0.shape[0]
+            total += loss.detach().float() * x0.shape[0]
             count += x0.shape[0]
 
-        mean_loss = accelerator.gather_for_metrics(torch.tensor([total / count], device=accelerator.device)).mean().item()
+        # Sum over processes: each saw its own share of the members this epoch.
+        sums = accelerator.reduce(torch.stack([total, torch.tensor(float(count), device=accelerator.device)]), reduction="sum")
+        mean_loss = (sums[0] / sums[1]).item()
         if not math.isfinite(mean_loss):
             raise FloatingPointError(
                 f"training loss is {mean_loss} at epoch {epoch} (learning_rate={params.learning_rate}); "
@@ -239,7 +249,12 @@ def _read_state(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | Non
 
 
 def _capture(epoch, log_rows, unet, optimizer, ema: EMAModel, generator: torch.Generator, fingerprint) -> dict[str, Any]:
-    """Collect everything the loop needs to continue after ``epoch`` as tensors and plain values."""
+    """Collect everything the loop needs to continue after ``epoch`` as tensors and plain values.
+
+    NOTE: only the main process calls this, so the RNG states are its own. With several
+    processes every process resumes from them, and the noise after a resume differs from an
+    uninterrupted run's.
+    """
     state = {
         "epoch": epoch,
         "log": {column: [row[column] for row in log_rows] for column in ("epoch", "loss", "seconds")},

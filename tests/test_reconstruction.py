@@ -116,7 +116,32 @@ def test_reconstruct_matches_direct_calls(exact_model, alphas):
     torch.testing.assert_close(recon.x0_recon[40], reconstruction.ddim_reverse(model, x_40, 40, 10, alphas)[-1])
     step = reconstruction.ddim_step(model, x_40, 40, 30, alphas)
     torch.testing.assert_close(recon.x_t_roundtrip[40], reconstruction.ddim_step(model, step, 30, 40, alphas))
-    assert recon.nfe == {20: 5, 40: 9}
+    # alone, t = 40 inverts in 4 passes and reverses in 4; the round trip reuses the second reverse pass
+    assert recon.nfe == {20: 4, 40: 8}
+
+
+@pytest.mark.parametrize("timesteps, stride", [([20, 40], 10), ([10, 30], 10), ([10], 10), ([50, 100, 200], 10)])
+def test_reconstruct_runs_counted_passes(exact_model, alphas, timesteps, stride):
+    model, mean = exact_model
+    x0 = mean + 0.5 * torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    passes = []
+    hook = model.register_forward_pre_hook(lambda module, args: passes.append(len(args[0])))
+    reconstruction.reconstruct(model, x0, timesteps, stride, alphas, batch_size=2, progress=False)
+    hook.remove()
+    assert sum(passes) == len(x0) * reconstruction.reconstruction_passes(timesteps, stride)
+
+
+def test_reconstruct_shares_every_pass(exact_model, alphas):
+    # no (state, timestep) input reaches the network twice
+    model, mean = exact_model
+    x0 = mean + 0.5 * torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    inputs = []
+    hook = model.register_forward_pre_hook(lambda module, args: inputs.extend((x.numpy().tobytes(), int(t)) for x, t in zip(args[0], args[1])))
+    reconstruction.reconstruct(model, x0, [10, 20, 40], 10, alphas, progress=False)
+    hook.remove()
+    assert len(set(inputs)) == len(inputs)
+    # inversion to 40: 4; reverse from 40: 4; from 20: 1 new; from 10: the round trip's pass at timestep 0
+    assert len(inputs) == 2 * (4 + 4 + 1 + 1)
 
 
 def test_reconstruct_empty_rejected(exact_model, alphas):

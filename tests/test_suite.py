@@ -176,10 +176,11 @@ def test_suite_lists_every_attack(suite_inputs):
 
 def test_suite_shares_network_passes(suite_inputs):
     *_, params, recon, result = suite_inputs
-    # eps_theta(x0, 0) once, then per t: the naive draws, PIA, PIAN and SimA
-    assert result.baseline_passes == 1 + len(params.timesteps) * (params.naive_draws + 2 + 1)
-    # inversion to 40 in two steps, then 40/20 + 1 and 20/20 + 1 passes back
-    assert result.reconstruction_passes == 2 + 3 + 2
+    # per t: the naive draws, PIA, PIAN and SimA; eps_theta(x0, 0) comes from the inversion
+    assert result.baseline_passes == len(params.timesteps) * (params.naive_draws + 2 + 1)
+    # inversion to 40 in two steps; from 40, two reverse passes whose second serves the round trip;
+    # from 20, the inversion's prediction at x_20 and one pass at timestep 0 for the round trip
+    assert result.reconstruction_passes == 2 + 2 + 1
 
 
 def test_suite_fixed_settings(suite_inputs):
