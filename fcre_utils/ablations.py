@@ -116,7 +116,7 @@ def along_training(snapshots: dict[int, Path], images: torch.Tensor, manifest: p
 
 def by_member_count(images: torch.Tensor, manifest: pd.DataFrame, sizes: list[int], t: int, band: tuple[float, float], params: Params,
                     model_root: str | Path) -> pd.DataFrame:
-    """Train one model per member-set size on the first members, then attack it.
+    """Train one model per member-set size on the first members of each split, then attack it.
 
     Each model trains like the run's model (same preset, seed and epochs) on ``size`` members:
     the first of each split in manifest order, in the proportion of the splits. It is attacked on

@@ -163,7 +163,7 @@ def correlation_table(table: pd.DataFrame, scores: list[str], measures: list[str
 
 
 def chosen_setting(recon: Reconstructions, manifest: pd.DataFrame, params: Params, attack: str = "fcre_l2_x0") -> tuple[int, tuple[float, float]]:
-    """The t and band of one FCRE attack as notebook 04 chooses them (on the calibration split).
+    """Return the t and band that notebook 04 chooses for one FCRE attack on the calibration split.
 
     Without ``select_on_calibration`` these are ``fcre_t`` and ``(band_low, band_high)``.
     """
@@ -174,7 +174,7 @@ def chosen_setting(recon: Reconstructions, manifest: pd.DataFrame, params: Param
 
 
 def metric_scores(original: torch.Tensor, reconstruction: torch.Tensor, low: float, high: float, fit: np.ndarray) -> dict[str, np.ndarray]:
-    """L1, L2, SSIM and L2+SSIM scores of the band ``[low, high)``, higher meaning member.
+    """Score the band ``[low, high)`` with L1, L2, SSIM and L2+SSIM, higher meaning member.
 
     The L2 weight of L2+SSIM is fit on the rows ``fit`` (the calibration split).
     """

@@ -36,7 +36,7 @@ class BandExplorer:
         self.boundaries = [edges[0][0], *(high for _, high in edges)]
 
     def snap(self, low: float, high: float) -> tuple[float, float]:
-        """The nearest ring edges to ``low`` and ``high``, keeping at least one ring between them."""
+        """Return the nearest ring edges to ``low`` and ``high``, keeping at least one ring between them."""
         points = np.array(self.boundaries)
         i = int(np.abs(points - low).argmin())
         j = max(int(np.abs(points - high).argmin()), i + 1)
@@ -47,7 +47,7 @@ class BandExplorer:
         return auc(self.labels, band_l2_from_rings(self.energies, self.edges, *self.snap(low, high)))
 
     def figure(self, low: float, high: float) -> plt.Figure:
-        """The band of each example's original, reconstruction and error, titled with the band's AUC."""
+        """Draw the band of each example's original, reconstruction and error, titled with the band's AUC."""
         low, high = self.snap(low, high)
         original = bandpass(self.originals, low, high)
         reconstruction = bandpass(self.reconstructions, low, high)
@@ -58,7 +58,7 @@ class BandExplorer:
         return fig
 
     def widget(self, low: float, high: float):
-        """A range slider over ring edges and the figure it redraws (needs a live notebook)."""
+        """Return a range slider over ring edges and the figure it redraws (needs a live notebook)."""
         import ipywidgets
         from IPython.display import display
 
