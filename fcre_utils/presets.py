@@ -4,7 +4,7 @@
 user with a GPU (the ``paper`` preset); the other presets override a few fields:
 
 - ``smoke``: seconds per notebook on a CPU; checks that everything runs, not the science.
-- ``quick``: the default main job, real PneumoniaMNIST on a laptop CPU in under 45 minutes, with
+- ``quick``: the default main job, real PneumoniaMNIST on a laptop CPU in about an hour, with
   members clearly separable from non-members.
 - ``paper``: 64 px images, thousands of images a side, long training; meant for a GPU.
 """
