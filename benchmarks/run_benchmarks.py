@@ -435,7 +435,7 @@ def benchmark_scaling(model_dir: Path, sizes: list[int], n_members: int, preset:
                      "target": LINEAR_TOLERANCE, "met": deviation <= LINEAR_TOLERANCE},
         "memory_fit": {"peak_rss_mb_per_image": float(np.polyfit(counts, peaks, 1)[0]), "stored_results_mb_per_image": stored_mb_per_image,
                        "peak_rss_growth_mb": float(peaks[-1] - peaks[0]), "growth_beyond_stored_results_mb": extra_growth,
-                       "target": FLAT_TOLERANCE, "met": extra_growth <= FLAT_TOLERANCE * peaks[0]},
+                       "target": FLAT_TOLERANCE, "met": bool(extra_growth <= FLAT_TOLERANCE * peaks[0])},
     }
 
 
@@ -448,7 +448,7 @@ def write_record(record: dict, out: Path, docs: Path | None) -> Path:
     for path in (json_path, md_path):
         if path.exists():
             raise FileExistsError(f"{path} already exists and is kept; choose another --name")
-    json_path.write_text(json.dumps(record, indent=2) + "\n")
+    json_path.write_text(json.dumps(record, indent=2, default=_plain) + "\n")
     body = render(record)
     md_path.write_text(body)
     if docs is not None:
@@ -457,6 +457,13 @@ def write_record(record: dict, out: Path, docs: Path | None) -> Path:
         docs.write_text(DOCS_HEADER + body + "\n## Every record\n\n" + "".join(f"- [{name}]({relative}/{name}.md)\n" for name in listing))
         print(f"{docs} now shows {record['name']}; earlier records stay in {out}", flush=True)
     return json_path
+
+
+def _plain(value):
+    """Convert numpy scalars, which json cannot write, to Python numbers and booleans."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
 DOCS_HEADER = """# Benchmarks

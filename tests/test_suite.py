@@ -178,8 +178,9 @@ def test_suite_shares_network_passes(suite_inputs):
     *_, params, recon, result = suite_inputs
     # per t: the naive draws, PIA, PIAN and SimA; eps_theta(x0, 0) comes from the inversion
     assert result.baseline_passes == len(params.timesteps) * (params.naive_draws + 2 + 1)
-    # inversion to 40 in two steps; from 40, two reverse passes whose second serves the round trip;
-    # from 20, the inversion's prediction at x_20 and one pass at timestep 0 for the round trip
+    # The inversion to 40 takes two passes and the reverse process from 40 two more, the second
+    # of which serves the round trip. From 20, the reverse step reuses the inversion's prediction
+    # at x_20, and the round trip needs one pass at timestep 0.
     assert result.reconstruction_passes == 2 + 2 + 1
 
 
