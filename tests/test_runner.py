@@ -34,7 +34,10 @@ def test_run_directory_contents(smoke_run):
     for name in ["params.yaml", "environment.yaml", "manifest.csv", "training_log.csv", "reconstructions.pt",
                  "selection.csv", "scores.csv", "metrics.csv", "metrics.md", "notebook_times.csv", "model/unet/config.json",
                  "control_manifest.csv", "control_model/unet/config.json", "control_metrics.csv", "control_scores.csv",
-                 "01_train_ddpm.ipynb", "02_reconstruction.ipynb", "03_frequency_analysis.ipynb", "04_attack.ipynb"]:
+                 "01_train_ddpm.ipynb", "02_reconstruction.ipynb", "03_frequency_analysis.ipynb", "04_attack.ipynb",
+                 "05_ablations.ipynb", "06_audit.ipynb", "control_reconstructions.pt", "frequency_rings.csv",
+                 "difficulty_correlations.csv", "ablation_band_edges.csv", "ablation_member_count.csv", "audit/report.md",
+                 "checkpoints/model/epoch-00002/unet/config.json"]:
         assert (run_dir / name).exists(), name
 
 
@@ -42,14 +45,16 @@ def test_figures_written(smoke_run):
     run_dir, _ = smoke_run
     figures = {p.stem for p in (run_dir / "figures").glob("*.png")}
     assert {"01_loss_curve", "01_control_loss_curve", "01_samples", "02_reconstruction_members", "03_spectra",
-            "03_error_by_ring", "04_roc", "04_score_histograms"} <= figures
+            "03_error_by_ring", "03_auc_by_band", "03_band_comparison", "03_difficulty", "03_band_explorer", "04_roc",
+            "04_score_histograms", "05_band_edges", "05_timestep", "05_ddim_steps", "05_metric", "05_training_length",
+            "05_member_count"} <= figures
 
 
 def test_metrics_table(smoke_run):
     run_dir, result = smoke_run
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert set(METRIC_COLUMNS) <= set(metrics.columns)
-    assert set(metrics.attack) == ATTACKS
+    assert set(metrics.attack) == ATTACKS | {"fcre_l2_calibrated", "fcre_ssim_calibrated"}  # the control model is the reference
     assert metrics.auc.between(0, 1).all()
     assert (metrics.auc_low <= metrics.auc_high).all()
     assert (metrics.n_members == 12).all()
