@@ -15,6 +15,7 @@ pytestmark = pytest.mark.slow
 ATTACKS = {"naive_loss", "naive_loss_lowpass", "secmi_stat", "secmi_stat_lowpass", "pia", "pia_lowpass", "pian", "sima"} | {
     f"fcre_{metric}_{protocol}" for metric in ("ssim", "l2", "l2_ssim") for protocol in ("x0", "residual")}
 METRIC_COLUMNS = ["attack", "auc", "asr", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "n_members", "n_nonmembers", "nfe"]
+CALIBRATED = {"fcre_l2_calibrated", "fcre_ssim_calibrated"}  # the control model serves as their reference
 
 
 def run_cli(*args):
@@ -54,7 +55,7 @@ def test_metrics_table(smoke_run):
     run_dir, result = smoke_run
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert set(METRIC_COLUMNS) <= set(metrics.columns)
-    assert set(metrics.attack) == ATTACKS | {"fcre_l2_calibrated", "fcre_ssim_calibrated"}  # the control model is the reference
+    assert set(metrics.attack) == ATTACKS | CALIBRATED
     assert metrics.auc.between(0, 1).all()
     assert (metrics.auc_low <= metrics.auc_high).all()
     assert (metrics.n_members == 12).all()
@@ -74,7 +75,7 @@ def test_scores_table(smoke_run):
     scores = pd.read_csv(run_dir / "scores.csv")
     manifest = pd.read_csv(run_dir / "manifest.csv")
     assert list(scores.columns) == ["image_id", "member", "split", "attack", "setting", "nfe", "score"]
-    assert len(scores) == len(ATTACKS) * len(manifest)
+    assert len(scores) == len(ATTACKS | CALIBRATED) * len(manifest)
     assert scores.groupby("attack").image_id.apply(set).map(lambda ids: ids == set(manifest.image_id)).all()
 
 
