@@ -496,8 +496,9 @@ How each number is measured:
   batches run once.
 - **Scaling**: the suite on growing image counts, each in a fresh process with a batch size below
   the smallest count, and the peak resident memory a thread samples every 5 ms during the suite.
-  The suite keeps every image's reconstructions, so memory grows by "stored results" per image;
-  the network runs batch by batch and SSIM 64 images at a time, so nothing else should grow.
+  The suite keeps every image's reconstructions, so memory grows by "stored results" per image.
+  The network runs batch by batch and SSIM 64 images at a time, so nothing else should grow once
+  the calibration half of the images fills an SSIM chunk (128 images or more).
   Time counts as linear when no size deviates more than 10% from the fitted line, and memory as
   flat when the peak grows, beyond the stored results, by less than 10% of the smallest run's.
 
@@ -579,7 +580,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--attack-images", type=int, default=128, help="images each attack class scores batched (default: 128)")
     parser.add_argument("--suite-images", type=int, default=128, help="images the suite scores (default: 128)")
     parser.add_argument("--reference-images", type=int, default=4, help="images of every per-image loop (default: 4)")
-    parser.add_argument("--sizes", default="64,128,256", help="image counts of the scaling runs, comma-separated (default: 64,128,256)")
+    parser.add_argument("--sizes", default="128,256,384",
+                        help="image counts of the scaling runs, comma-separated; from 128 on, the 64 calibration images fill an SSIM chunk (default: 128,256,384)")
     parser.add_argument("--scaling-batch-size", type=int, default=32,
                         help="score_batch_size of the scaling runs, below the smallest size so memory can stay flat (default: 32)")
     return parser.parse_args(argv)
