@@ -580,8 +580,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--attack-images", type=int, default=128, help="images each attack class scores batched (default: 128)")
     parser.add_argument("--suite-images", type=int, default=128, help="images the suite scores (default: 128)")
     parser.add_argument("--reference-images", type=int, default=4, help="images of every per-image loop (default: 4)")
-    parser.add_argument("--sizes", default="128,256,384",
-                        help="image counts of the scaling runs, comma-separated; from 128 on, the 64 calibration images fill an SSIM chunk (default: 128,256,384)")
+    parser.add_argument("--sizes", default="128,192,256",
+                        help="image counts of the scaling runs, comma-separated; from 128 on, the 64 calibration images fill an SSIM chunk (default: 128,192,256)")
     parser.add_argument("--scaling-batch-size", type=int, default=32,
                         help="score_batch_size of the scaling runs, below the smallest size so memory can stay flat (default: 32)")
     return parser.parse_args(argv)
@@ -595,6 +595,9 @@ def main(argv: list[str] | None = None) -> int:
     if (args.out / f"{name}.json").exists():
         raise FileExistsError(f"{args.out / f'{name}.json'} already exists and is kept; choose another --name")
     sizes = sorted(int(size) for size in args.sizes.split(","))
+    largest = max([args.attack_images, args.suite_images, *sizes])
+    if (largest + 1) // 2 > args.train_members:
+        raise ValueError(f"{largest} images are half members, but --train-members={args.train_members}; raise it to {(largest + 1) // 2} or lower the sizes")
     params = resolve_params(args.preset, {"progress": False})
     started = time.perf_counter()
     machine = describe_machine(params)
