@@ -475,10 +475,9 @@ FCRE_DATA_DIR=../shared/data .venv/bin/python benchmarks/run_benchmarks.py --out
 ```
 
 Every run writes a new record (`benchmarks/results/<name>.json` and `.md`) and this page shows
-the newest. The flags set the sizes (`--help` lists them). The defaults are sized for about 5
-minutes on 2 idle CPU cores, an estimate from per-image costs. Timings from a machine shared
-with other jobs are slower and noisier, so the record keeps the load average at the start and
-at the end.
+the newest. The flags set the sizes (`--help` lists them); the defaults took 3.7 minutes on 2
+lightly loaded CPU cores. Timings from a machine shared with other jobs are slower and noisier,
+so the record keeps the load average at the start and at the end.
 
 How each number is measured:
 
@@ -496,8 +495,9 @@ How each number is measured:
   batches run once.
 - **Scaling**: the suite on growing image counts, each in a fresh process with a batch size below
   the smallest count, and the peak resident memory a thread samples every 5 ms during the suite.
-  The suite keeps every image's reconstructions, so memory grows by "stored results" per image;
-  the network runs batch by batch and SSIM 64 images at a time, so nothing else should grow.
+  The suite keeps every image's reconstructions, so memory grows by "stored results" per image.
+  The network runs batch by batch and SSIM 64 images at a time, so nothing else should grow once
+  the calibration half of the images fills an SSIM chunk (128 images or more).
   Time counts as linear when no size deviates more than 10% from the fitted line, and memory as
   flat when the peak grows, beyond the stored results, by less than 10% of the smallest run's.
 
@@ -510,7 +510,8 @@ def render(record: dict) -> str:
     time_fit, memory_fit = record["scaling"]["time_fit"], record["scaling"]["memory_fit"]
     lines = [
         f"## Record `{record['name']}`", "",
-        f"Created {record['created_utc']} by `{' '.join(record['command'])}`" + (f". Note: {record['note']}" if record.get("note") else "") + ".", "",
+        f"Created {record['created_utc']} by `{' '.join(record['command'])}` in {record['total_seconds'] / 60:.1f} min"
+        + (f". Note: {record['note']}" if record.get("note") else "") + ".", "",
         "| machine | |", "| --- | --- |",
         f"| CPU | {machine['cpu']} ({machine['physical_cores']} physical, {machine['logical_cores']} logical cores) |",
         f"| torch threads | {machine['torch_threads']} |",
@@ -549,7 +550,7 @@ def render(record: dict) -> str:
         "### Scaling", "",
         f"`run_suite` with {record['scaling']['batch_size']} images per batch, each size in a fresh process.", "",
         pd.DataFrame(record["scaling"]["runs"]).to_markdown(index=False, floatfmt=".2f"), "",
-        f"Time fit: {time_fit['seconds_per_image']:.3f} s per image + {time_fit['intercept_s']:.2f} s, "
+        f"Time fit: {time_fit['seconds_per_image']:.3f} s per image, intercept {time_fit['intercept_s']:.2f} s, "
         f"largest deviation from the line {time_fit['max_relative_deviation']:.1%}. "
         f"Peak RSS during the suite grows {memory_fit['peak_rss_mb_per_image']:.3f} MB per image "
         f"({memory_fit['peak_rss_growth_mb']:.0f} MB over the sizes); the stored reconstructions take "
@@ -579,7 +580,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--attack-images", type=int, default=128, help="images each attack class scores batched (default: 128)")
     parser.add_argument("--suite-images", type=int, default=128, help="images the suite scores (default: 128)")
     parser.add_argument("--reference-images", type=int, default=4, help="images of every per-image loop (default: 4)")
-    parser.add_argument("--sizes", default="64,128,256", help="image counts of the scaling runs, comma-separated (default: 64,128,256)")
+    parser.add_argument("--sizes", default="128,192,256",
+                        help="image counts of the scaling runs, comma-separated; from 128 on, the 64 calibration images fill an SSIM chunk (default: 128,192,256)")
     parser.add_argument("--scaling-batch-size", type=int, default=32,
                         help="score_batch_size of the scaling runs, below the smallest size so memory can stay flat (default: 32)")
     return parser.parse_args(argv)
@@ -593,6 +595,9 @@ def main(argv: list[str] | None = None) -> int:
     if (args.out / f"{name}.json").exists():
         raise FileExistsError(f"{args.out / f'{name}.json'} already exists and is kept; choose another --name")
     sizes = sorted(int(size) for size in args.sizes.split(","))
+    largest = max([args.attack_images, args.suite_images, *sizes])
+    if (largest + 1) // 2 > args.train_members:
+        raise ValueError(f"{largest} images are half members, but --train-members={args.train_members}; raise it to {(largest + 1) // 2} or lower the sizes")
     params = resolve_params(args.preset, {"progress": False})
     started = time.perf_counter()
     machine = describe_machine(params)
