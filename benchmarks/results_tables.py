@@ -21,7 +21,7 @@ def interval(table: pd.DataFrame, name: str) -> pd.Series:
 
 
 def attack_summary(run_dir: Path) -> pd.DataFrame:
-    """One row per attack: NFE, AUC, calibrated TPRs, realised FPR at 0.1%, oracle TPR and control AUC."""
+    """Return one row per attack: NFE, AUC, calibrated TPRs, realised FPR at 0.1%, oracle TPR and control AUC."""
     table = pd.read_csv(run_dir / "metrics.csv")
     rows = pd.DataFrame({
         "attack": table.attack, "NFE": table.nfe, "AUC": interval(table, "auc"),

@@ -1,4 +1,4 @@
-"""Where the membership signal sits in frequency, and how strongly scores follow image difficulty.
+"""Frequency analysis of the membership signal, and the dependence of scores on image difficulty.
 
 The error energy of one frequency ring is the mean squared error between the ring's band of the
 original and of the reconstruction. By Parseval's theorem the rings add up: the L2 error of any

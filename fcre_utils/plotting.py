@@ -207,7 +207,7 @@ def auc_by_band(table: pd.DataFrame, band: tuple[float, float] | None = None) ->
 
 def interval_points(table: pd.DataFrame, x: str, y: str = "auc", hue: str | None = None, reference: float | None = 0.5,
                     xlabel: str | None = None, ylabel: str = "AUC", log_x: bool = False) -> plt.Figure:
-    """A value with its 95% interval (columns ``<y>_low``, ``<y>_high``) against ``x``, one line per ``hue``.
+    """Plot a value with its 95% interval (columns ``<y>_low``, ``<y>_high``) against ``x``, one line per ``hue``.
 
     Numeric ``x`` gives lines, text ``x`` gives points side by side with error bars.
     """
@@ -261,7 +261,7 @@ def band_heatmaps(table: pd.DataFrame, values: dict[str, str]) -> plt.Figure:
 
 
 def difficulty_scatter(table: pd.DataFrame, scores: list[str], measures: list[str]) -> plt.Figure:
-    """Each score against each difficulty measure, members and non-members coloured (one row per score)."""
+    """Plot each score against each difficulty measure, members and non-members coloured (one row per score)."""
     fig, axes = plt.subplots(len(scores), len(measures), figsize=(3.6 * len(measures), 2.9 * len(scores)), squeeze=False)
     for r, score in enumerate(scores):
         for c, measure in enumerate(measures):

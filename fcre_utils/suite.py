@@ -161,8 +161,8 @@ def reference_candidates(recon: Reconstructions, reference: Reconstructions, row
     """Difficulty-calibrated FCRE: the target model's score minus a reference model's, per image.
 
     The reference model never saw the images, so its score measures how well any model of this
-    data reconstructs the image; subtracting it removes the part of the score that follows image
-    difficulty (LiRA-style calibration with one reference model, protocol ``x0``).
+    data reconstructs the image. Subtracting it removes the part of the score that follows image
+    difficulty. This is calibration with one reference model, as in LiRA, under protocol ``x0``.
 
     Args:
         recon, reference: the target's and the reference model's reconstructions of the same images.

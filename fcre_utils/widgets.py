@@ -3,7 +3,7 @@
 The AUC comes from cached per-image ring energies (see :mod:`fcre_utils.analysis`), so moving a
 slider costs a sum over rings, not a pass over the images. Band edges snap to ring edges.
 Run headless (papermill, nbval, a script), the explorer draws one static figure at the given
-edges; in a live notebook it adds a range slider that redraws that figure.
+edges. In a live notebook it adds a range slider that redraws that figure.
 """
 
 from __future__ import annotations
